@@ -1,0 +1,47 @@
+"""What every model the engine drives looks like, and the one place the logit shift lives.
+
+Models keep the Hugging Face calling convention: `model(input_ids, attention_mask=None,
+position_ids=None).logits` is (B, L, V) exactly as the checkpoint's own code returns it, so
+reference samplers can drive vdiff's models unchanged. Families differ in what row i of those
+logits predicts: LLaDA's row i predicts token i; Dream (Qwen2 initialisation) predicts token i
+from row i - 1, and its sampler shifts the logits right by one. `canvas_logits` applies that
+shift, so every vdiff decoder reads "row i predicts position i" whatever the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class DiffusionLMOutput:
+    logits: Tensor  # (B, L, V), unshifted, in the model dtype
+
+
+class DiffusionLM(Protocol):
+    """The interface the engine relies on; native models and the remote-code adapter satisfy it."""
+
+    logits_shift: int  # how many positions the logits must move right to line up with the canvas
+    mask_token_id: int | None
+    max_sequence_length: int
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> DiffusionLMOutput: ...
+
+
+def canvas_logits(logits: Tensor, shift: int) -> Tensor:
+    """Line logits up with the canvas: row i of the result scores position i.
+
+    shift == 1 is Dream's `cat([logits[:, :1], logits[:, :-1]], dim=1)`: position 0 reuses its
+    own row (position 0 is always prompt, so its prediction is never used).
+    """
+    if shift == 0:
+        return logits
+    if shift != 1:
+        raise ValueError(f"logits_shift must be 0 or 1, got {shift}")
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
