@@ -1,0 +1,182 @@
+"""`load_model`: a Hugging Face model directory -> a ready, eval-mode model on its device.
+
+Known `model_type`s get vdiff's native implementation (registry.py), built on the meta device
+and filled tensor by tensor from safetensors after every name and shape has been checked
+against the config. Unknown ones run the checkpoint's own code only with trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError
+from vdiff.models.configs import ConfigError
+from vdiff.models.registry import Architecture, native_architecture, supported_model_types
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_MAX_LISTED = 8  # problems listed in one error message before "... and N more"
+
+
+def load_model(
+    path: str | os.PathLike[str] | Checkpoint,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a diffusion LM; the result follows `vdiff.models.base.DiffusionLM`."""
+    checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    target = select_device(device)
+    architecture = native_architecture(checkpoint.model_type)
+    if architecture is None:
+        return _load_remote(checkpoint, target, dtype, trust_remote_code)
+    model = _build_on_meta(architecture, checkpoint)
+    _check_names_and_shapes(model, checkpoint, architecture)
+    _fill_weights(model, checkpoint, target, select_dtype(dtype, checkpoint, target))
+    return model.eval().requires_grad_(False)
+
+
+def select_device(requested: str | torch.device = "auto") -> torch.device:
+    """auto picks cuda, then mps, then cpu; an explicit device must be usable here."""
+    if str(requested) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(
+            f"device {requested!r} is not a device name (use auto, cuda, cuda:N, mps or cpu)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {requested!r} requested but CUDA is not available to this torch build")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {requested!r} requested but MPS is not available on this machine")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise ModelLoadError(f"device {requested!r} is not supported (use auto, cuda, cuda:N, mps or cpu)")
+    return device
+
+
+def select_dtype(requested: str | torch.dtype, checkpoint: Checkpoint, device: torch.device) -> torch.dtype:
+    """An explicit dtype wins; "auto" takes the checkpoint's, unless the device cannot run it fast."""
+    if isinstance(requested, torch.dtype):
+        if requested not in DTYPES.values():
+            raise ModelLoadError(f"dtype {requested} is not supported (use float32, bfloat16 or float16)")
+        return requested
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ModelLoadError(f"dtype {requested!r} is not supported (use auto, float32, bfloat16 or float16)")
+        return DTYPES[requested]
+    return auto_dtype(checkpoint.checkpoint_dtype() or torch.float32, device)
+
+
+def auto_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+    if stored not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    if device.type == "cpu":
+        # Half precision on a CPU without bf16 instructions is emulated and several times slower.
+        return torch.bfloat16 if stored == torch.bfloat16 and cpu_has_fast_bf16() else torch.float32
+    if device.type == "cuda" and stored == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return stored
+
+
+@functools.cache
+def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU has native bf16 arithmetic (x86 AVX512-BF16/AMX-BF16, Arm BF16)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(re.findall(r"[\w.]+", " ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.M))))
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _build_on_meta(architecture: Architecture, checkpoint: Checkpoint) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            return architecture.build(checkpoint.config)
+    except ConfigError as error:
+        raise ModelLoadError(f"{checkpoint.path / CONFIG_FILE}: {error}") from None
+
+
+def _check_names_and_shapes(model: nn.Module, checkpoint: Checkpoint, architecture: Architecture) -> None:
+    """Refuse before reading any data if a tensor is missing, unexpected or of the wrong shape."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    required = {name for name, _ in model.named_parameters()}  # tied aliases appear once
+    stored = checkpoint.tensor_shapes()
+    ignored = [re.compile(pattern) for pattern in architecture.ignored_keys]
+    problems = [f"missing tensor {name!r} (shape {list(expected[name])})" for name in sorted(required - set(stored))]
+    for name, (file, shape) in sorted(stored.items()):
+        if name not in expected:
+            if not any(p.search(name) for p in ignored):
+                problems.append(f"unexpected tensor {name!r} in {file.name}")
+        elif shape != expected[name]:
+            implied = list(expected[name])
+            problems.append(
+                f"tensor {name!r} in {file.name} has shape {list(shape)}, but config.json implies {implied}"
+            )
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise ModelLoadError(
+            f"{checkpoint.path} does not match model_type {checkpoint.model_type!r} as config.json describes it:"
+            f"\n  {listed}{more}\nCheck that config.json and the weights come from the same model."
+        )
+
+
+def _fill_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
+    expected = model.state_dict().keys()
+    state = {name: tensor for name, _, tensor in checkpoint.tensors(device, dtype) if name in expected}
+    for alias, source in _tied_aliases(model).items():
+        state.setdefault(alias, state[source])
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Second names of shared parameters (tied embeddings) -> the name that owns the tensor."""
+    owner: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in owner:
+            aliases[name] = owner[id(param)]
+        else:
+            owner[id(param)] = name
+    return aliases
+
+
+def _load_remote(
+    checkpoint: Checkpoint, device: torch.device, dtype: str | torch.dtype, trust_remote_code: bool
+) -> nn.Module:
+    supported = ", ".join(supported_model_types())
+    if "auto_map" not in checkpoint.config:
+        raise ModelLoadError(
+            f"{checkpoint.path / CONFIG_FILE}: model_type {checkpoint.model_type!r} is not supported "
+            f"(native: {supported}) and the checkpoint ships no modeling code (no 'auto_map')"
+        )
+    if not trust_remote_code:
+        raise ModelLoadError(
+            f"{checkpoint.path / CONFIG_FILE}: model_type {checkpoint.model_type!r} has no native vdiff "
+            f"implementation (native: {supported}). The checkpoint ships its own modeling code; pass "
+            "--trust-remote-code (trust_remote_code=True) to run it, after reading it."
+        )
+    from vdiff.models.remote import RemoteCodeModel
+
+    return RemoteCodeModel.load(checkpoint, device, select_dtype(dtype, checkpoint, device))
