@@ -1,0 +1,42 @@
+"""Run-wide fixtures: tiny checkpoints written once by tools/make_tiny_model.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from make_tiny_model import make_tiny_model, parse_args  # noqa: E402
+
+
+def write_tiny(out: Path, arch: str, *extra: str) -> Path:
+    return make_tiny_model(parse_args(["--arch", arch, "--out", str(out), *extra]))
+
+
+@pytest.fixture(scope="session")
+def tiny_llada(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("tiny-llada"), "llada")
+
+
+@pytest.fixture(scope="session")
+def tiny_dream(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny(tmp_path_factory.mktemp("tiny-dream"), "dream")
+
+
+@pytest.fixture(scope="session", params=["llada", "dream"])
+def tiny_model_dir(request: pytest.FixtureRequest, tiny_llada: Path, tiny_dream: Path) -> Path:
+    return tiny_llada if request.param == "llada" else tiny_dream
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
