@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +19,19 @@ from make_tiny_model import make_tiny_model, parse_args  # noqa: E402
 
 def write_tiny(out: Path, arch: str, *extra: str) -> Path:
     return make_tiny_model(parse_args(["--arch", arch, "--out", str(out), *extra]))
+
+
+def copy_model(source: Path, tmp_path: Path) -> Path:
+    """A private copy of a session checkpoint, for tests that damage or edit it."""
+    return Path(shutil.copytree(source, tmp_path / "model"))
+
+
+def edit_json(file: Path, remove: tuple[str, ...] = (), **changes: Any) -> None:
+    data = json.loads(file.read_text())
+    data.update(changes)
+    for key in remove:
+        del data[key]
+    file.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,15 @@ def test_left_padded_row_matches_unpadded_row(tiny_model_dir: Path) -> None:
     assert not torch.allclose(unmasked[0, pads:], batched[0, pads:], atol=1e-3), "the mask must matter"
 
 
+def test_bad_attention_masks_are_refused(tiny_llada: Path) -> None:
+    model = load_model(tiny_llada, dtype="float32")
+    ids = prompt_ids(4)
+    with pytest.raises(ValueError, match="row with no real token"):
+        model(ids, attention_mask=torch.zeros_like(ids))
+    with pytest.raises(ValueError, match=r"attention_mask must be .* got shape \(1, 1, 4\)"):
+        model(ids, attention_mask=torch.ones(1, 1, 4))
+
+
 def test_attention_is_bidirectional(tiny_model_dir: Path) -> None:
     model = load_model(tiny_model_dir, dtype="float32")
     ids = prompt_ids(10, seed=5)

@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_tiny
+from conftest import copy_model, edit_json, write_tiny
 from vdiff.models import Checkpoint, ModelLoadError, load_model, select_device, select_dtype
 from vdiff.models.loader import auto_dtype, cpu_has_fast_bf16
 from vdiff.models.remote import RemoteCodeModel
-
-
-def copy_model(source: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(source, tmp_path / "model"))
-
-
-def edit_config(path: Path, **changes: object) -> None:
-    config = json.loads((path / "config.json").read_text())
-    config.update(changes)
-    (path / "config.json").write_text(json.dumps(config))
 
 
 def edit_weights(path: Path, drop: str | None = None, add: dict[str, torch.Tensor] | None = None) -> None:
@@ -90,7 +79,7 @@ def test_rotary_buffers_of_old_exports_are_ignored(tiny_dream: Path, tmp_path: P
 
 def test_wrong_shape_names_tensor_and_config(tiny_llada: Path, tmp_path: Path) -> None:
     path = copy_model(tiny_llada, tmp_path)
-    edit_config(path, mlp_hidden_size=96)
+    edit_json(path / "config.json", mlp_hidden_size=96)
     with pytest.raises(ModelLoadError) as error:
         load_model(path)
     message = str(error.value)
@@ -100,31 +89,28 @@ def test_wrong_shape_names_tensor_and_config(tiny_llada: Path, tmp_path: Path) -
 
 def test_unsupported_config_value_names_the_key(tiny_llada: Path, tmp_path: Path) -> None:
     path = copy_model(tiny_llada, tmp_path)
-    edit_config(path, alibi=True)
+    edit_json(path / "config.json", alibi=True)
     with pytest.raises(ModelLoadError, match=r"config\.json.*alibi=True.*not support"):
         load_model(path)
 
 
 def test_inconsistent_heads_are_refused(tiny_dream: Path, tmp_path: Path) -> None:
     path = copy_model(tiny_dream, tmp_path)
-    edit_config(path, num_key_value_heads=3)
+    edit_json(path / "config.json", num_key_value_heads=3)
     with pytest.raises(ModelLoadError, match="num_key_value_heads=3"):
         load_model(path)
 
 
 def test_unknown_model_type_without_flag_asks_for_trust_remote_code(tiny_llada: Path, tmp_path: Path) -> None:
     path = copy_model(tiny_llada, tmp_path)
-    edit_config(path, model_type="mystery-mdm")
+    edit_json(path / "config.json", model_type="mystery-mdm")
     with pytest.raises(ModelLoadError, match="--trust-remote-code"):
         load_model(path)
 
 
 def test_unknown_model_type_without_code_is_unsupported(tiny_llada: Path, tmp_path: Path) -> None:
     path = copy_model(tiny_llada, tmp_path)
-    config = json.loads((path / "config.json").read_text())
-    del config["auto_map"]
-    config["model_type"] = "mystery-mdm"
-    (path / "config.json").write_text(json.dumps(config))
+    edit_json(path / "config.json", remove=("auto_map",), model_type="mystery-mdm")
     with pytest.raises(ModelLoadError, match=r"'mystery-mdm' is not supported \(native: Dream, llada\)"):
         load_model(path, trust_remote_code=True)
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
+from conftest import copy_model, edit_json
 from vdiff.tokenizer import Tokenizer, TokenizerError
 
 
@@ -66,44 +66,37 @@ def test_chat_template_override_from_file_and_inline(tiny_llada: Path, tmp_path:
 
 
 def test_separate_tokenizer_directory(tiny_llada: Path, tmp_path: Path) -> None:
-    separate = Path(shutil.copytree(tiny_llada, tmp_path / "tok"))
+    separate = copy_model(tiny_llada, tmp_path)
     for name in ("model.safetensors", "config.json"):
         (separate / name).unlink()
     assert Tokenizer.load(tiny_llada, tokenizer=separate).special == Tokenizer.load(tiny_llada).special
 
 
 def test_mask_id_disagreement_is_refused(tiny_dream: Path, tmp_path: Path) -> None:
-    path = Path(shutil.copytree(tiny_dream, tmp_path / "model"))
-    config = json.loads((path / "config.json").read_text())
-    config["mask_token_id"] = config["mask_token_id"] - 1
-    (path / "config.json").write_text(json.dumps(config))
+    path = copy_model(tiny_dream, tmp_path)
+    mask_id = json.loads((path / "config.json").read_text())["mask_token_id"]
+    edit_json(path / "config.json", mask_token_id=mask_id - 1)
     with pytest.raises(TokenizerError, match="does not belong to this model"):
         Tokenizer.load(path)
 
 
 def test_missing_mask_token_is_refused(tiny_llada: Path, tmp_path: Path) -> None:
-    path = Path(shutil.copytree(tiny_llada, tmp_path / "model"))
-    config = json.loads((path / "config.json").read_text())
-    del config["mask_token_id"]
-    (path / "config.json").write_text(json.dumps(config))
+    path = copy_model(tiny_llada, tmp_path)
+    edit_json(path / "config.json", remove=("mask_token_id",))
     with pytest.raises(TokenizerError, match="no mask token"):
         Tokenizer.load(path)
 
 
 def test_pad_equal_to_mask_is_refused(tiny_llada: Path, tmp_path: Path) -> None:
-    path = Path(shutil.copytree(tiny_llada, tmp_path / "model"))
-    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
-    tokenizer_config["pad_token"] = "<|mdm_mask|>"
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    path = copy_model(tiny_llada, tmp_path)
+    edit_json(path / "tokenizer_config.json", pad_token="<|mdm_mask|>")
     with pytest.raises(TokenizerError, match="pad token id equals the mask token id"):
         Tokenizer.load(path)
 
 
 def test_no_chat_template_is_a_clear_error(tiny_llada: Path, tmp_path: Path) -> None:
-    path = Path(shutil.copytree(tiny_llada, tmp_path / "model"))
-    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
-    del tokenizer_config["chat_template"]
-    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    path = copy_model(tiny_llada, tmp_path)
+    edit_json(path / "tokenizer_config.json", remove=("chat_template",))
     tokenizer = Tokenizer.load(path)
     assert tokenizer.special.eot is None
     with pytest.raises(TokenizerError, match="--chat-template"):

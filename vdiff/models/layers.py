@@ -88,7 +88,11 @@ class AttentionMask:
                 f"got shape {tuple(attention_mask.shape)}"
             )
         keep = attention_mask.bool()
-        return cls() if bool(keep.all()) else cls(keep=keep)
+        if bool(keep.all()):
+            return cls()
+        if not bool(keep.any(dim=1).all()):  # softmax over no key at all would give NaN rows
+            raise ValueError("attention_mask has a row with no real token; every row needs at least one")
+        return cls(keep=keep)
 
     def sdpa_mask(self) -> Tensor | None:
         if self.dense is not None:
