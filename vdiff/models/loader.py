@@ -41,12 +41,13 @@ def load_model(
     """Load a diffusion LM; the result follows `vdiff.models.base.DiffusionLM`."""
     checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     target = select_device(device)
+    torch_dtype = select_dtype(dtype, checkpoint, target)
     architecture = native_architecture(checkpoint.model_type)
     if architecture is None:
-        return _load_remote(checkpoint, target, dtype, trust_remote_code)
+        return _load_remote(checkpoint, target, torch_dtype, trust_remote_code)
     model = _build_on_meta(architecture, checkpoint)
     _check_names_and_shapes(model, checkpoint, architecture)
-    _fill_weights(model, checkpoint, target, select_dtype(dtype, checkpoint, target))
+    _fill_weights(model, checkpoint, target, torch_dtype)
     return model.eval().requires_grad_(False)
 
 
@@ -163,7 +164,7 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def _load_remote(
-    checkpoint: Checkpoint, device: torch.device, dtype: str | torch.dtype, trust_remote_code: bool
+    checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype, trust_remote_code: bool
 ) -> nn.Module:
     supported = ", ".join(supported_model_types())
     if "auto_map" not in checkpoint.config:
@@ -179,4 +180,4 @@ def _load_remote(
         )
     from vdiff.models.remote import RemoteCodeModel
 
-    return RemoteCodeModel.load(checkpoint, device, select_dtype(dtype, checkpoint, device))
+    return RemoteCodeModel.load(checkpoint, device, dtype)
