@@ -2,7 +2,7 @@
 
 The official files cannot ship with vdiff, so this runs when VDIFF_REFERENCE_CODE points to a
 directory holding them as published with the models:
-    $VDIFF_REFERENCE_CODE/llada/{modeling_llada.py, configuration_llada.py}
+    $VDIFF_REFERENCE_CODE/llada/{modeling_llada.py, configuration_llada.py[, generate.py]}
     $VDIFF_REFERENCE_CODE/dream/{modeling_dream.py, configuration_dream.py, generation_utils.py}
 The test copies them into a tiny checkpoint (whose config.json already carries the real
 auto_map), loads it with transformers' trust_remote_code, and compares logits in float32.
@@ -80,3 +80,37 @@ def test_dream_padded_batch_equals_official_code(tiny_dream: Path, tmp_path: Pat
         got = ours(ids, dense, positions).logits
     torch.testing.assert_close(got[0, 5:], expected[0, 5:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_official_llada_sampler_drives_vdiff_like_its_own_model(tiny_llada: Path, tmp_path: Path) -> None:
+    """LLaDA's published generate() (generate.py beside the modeling files) over a padded batch:
+    the same canvases with vdiff's model as with the official one (greedy, CFG, random remasking, T > 0)."""
+    import importlib.util
+
+    source = Path(str(REFERENCE)) / "llada" / "generate.py"
+    if not source.exists():
+        pytest.skip(f"{source} is not there")
+    spec = importlib.util.spec_from_file_location("llada_reference_generate", source)
+    assert spec is not None and spec.loader is not None
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+
+    path = with_reference_code(tiny_llada, "llada", tmp_path)
+    ours, theirs = load_model(path, dtype="float32"), official_model(path)
+    mask_id = ours.mask_token_id
+    ids = torch.randint(0, 380, (2, 12), generator=torch.Generator().manual_seed(3))
+    attention = torch.ones_like(ids)
+    attention[0, :4] = 0
+    settings = [
+        {"steps": 32, "gen_length": 32, "block_length": 8},
+        {"steps": 16, "gen_length": 32, "block_length": 16, "cfg_scale": 1.0},
+        {"steps": 32, "gen_length": 32, "block_length": 8, "remasking": "random"},
+        {"steps": 32, "gen_length": 32, "block_length": 8, "temperature": 0.7},
+    ]
+    for setting in settings:
+        torch.manual_seed(0)
+        got = reference.generate(ours, ids, attention_mask=attention, mask_id=mask_id, **setting)
+        torch.manual_seed(0)
+        expected = reference.generate(theirs, ids, attention_mask=attention, mask_id=mask_id, **setting)
+        assert torch.equal(got, expected), setting
+        assert not (got == mask_id).any()

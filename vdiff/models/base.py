@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -32,6 +32,18 @@ class DiffusionLM(Protocol):
     def __call__(
         self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
     ) -> DiffusionLMOutput: ...
+
+
+class HFStyleModel(nn.Module):
+    """`device` and `dtype` as transformers models expose them (reference samplers read model.device)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
 
 
 def canvas_logits(logits: Tensor, shift: int) -> Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from vdiff.models.base import DiffusionLMOutput
+from vdiff.models.base import DiffusionLMOutput, HFStyleModel
 from vdiff.models.configs import DreamConfig
 from vdiff.models.layers import AttentionMask, RMSNorm, Rotary, default_positions, self_attention, swiglu
 
@@ -76,7 +76,7 @@ class DreamBaseModel(nn.Module):
         return self.norm(x)
 
 
-class DreamModel(nn.Module):
+class DreamModel(HFStyleModel):
     """Top-level module (`model.*` plus `lm_head`). Row i of the logits predicts token i + 1."""
 
     logits_shift = 1

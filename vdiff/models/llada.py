@@ -16,7 +16,7 @@ from typing import cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vdiff.models.base import DiffusionLMOutput
+from vdiff.models.base import DiffusionLMOutput, HFStyleModel
 from vdiff.models.configs import LLaDAConfig
 from vdiff.models.layers import AttentionMask, RMSNorm, Rotary, default_positions, self_attention
 
@@ -74,7 +74,7 @@ class LLaDAModel(nn.Module):
         return logits / math.sqrt(config.d_model) if config.scale_logits else logits
 
 
-class LLaDAModelLM(nn.Module):
+class LLaDAModelLM(HFStyleModel):
     """Top-level module; `self.model` keeps the checkpoint's `model.` prefix. No logit shift."""
 
     logits_shift = 0

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vdiff.models.base import DiffusionLMOutput
+from vdiff.models.base import DiffusionLMOutput, HFStyleModel
 from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError
 
 # Which auto_map entry to instantiate, most specific to a bidirectional LM first.
@@ -19,7 +19,7 @@ _AUTO_CLASSES = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM")
 _LENGTH_KEYS = ("max_sequence_length", "max_position_embeddings", "n_positions", "seq_length")
 
 
-class RemoteCodeModel(nn.Module):
+class RemoteCodeModel(HFStyleModel):
     # Unknown families are assumed to predict position i from row i (like LLaDA and BERT-style
     # masked LMs); a shifted family needs a native implementation to declare its shift.
     logits_shift = 0
