@@ -38,6 +38,7 @@ def test_loaded_model_is_ready_for_inference(tiny_llada: Path) -> None:
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.device.type == "cpu" for p in model.parameters())
+    assert (model.device, model.dtype) == (torch.device("cpu"), torch.float32)  # as transformers models have them
 
 
 def test_sharded_checkpoint_loads_like_single_file(tiny_dream: Path, tmp_path: Path) -> None:
