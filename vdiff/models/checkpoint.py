@@ -6,6 +6,7 @@ download never surfaces as a traceback from deep inside torch or safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -78,29 +79,33 @@ class Checkpoint:
         dtype = getattr(torch, str(name), None) if name else None
         return dtype if isinstance(dtype, torch.dtype) else None
 
-    def tensors(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, Path, torch.Tensor]]:
-        """(name, file, tensor) for every tensor, cast to dtype and placed on device, one at a time."""
+    def tensors(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor, cast to dtype and placed on device, one at a time."""
         for file in self.weight_files():
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                        tensor = handle.get_tensor(name)
-                        cast = dtype if tensor.is_floating_point() else tensor.dtype
-                        yield name, file, tensor.to(device=device, dtype=cast)
-            except SafetensorError as error:
-                raise ModelLoadError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
+            with _open_safetensors(file) as handle:
+                for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
+                    tensor = handle.get_tensor(name)
+                    cast = dtype if tensor.is_floating_point() else tensor.dtype
+                    yield name, tensor.to(device=device, dtype=cast)
 
     def tensor_shapes(self) -> dict[str, tuple[Path, tuple[int, ...]]]:
         """name -> (file, shape) from the file headers, without reading any tensor data."""
         shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}
         for file in self.weight_files():
-            try:
-                with safe_open(str(file), framework="pt") as handle:
-                    for name in handle.keys():  # noqa: SIM118
-                        shapes[name] = (file, tuple(handle.get_slice(name).get_shape()))
-            except SafetensorError as error:
-                raise ModelLoadError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
+            with _open_safetensors(file) as handle:
+                for name in handle.keys():  # noqa: SIM118
+                    shapes[name] = (file, tuple(handle.get_slice(name).get_shape()))
         return shapes
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path) -> Iterator[Any]:
+    """safe_open, with a damaged file reported by name instead of as a SafetensorError."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise ModelLoadError(f"{file} is not a readable safetensors file ({error}); re-download it") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -145,7 +145,7 @@ def _check_names_and_shapes(model: nn.Module, checkpoint: Checkpoint, architectu
 
 def _fill_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
     expected = model.state_dict().keys()
-    state = {name: tensor for name, _, tensor in checkpoint.tensors(device, dtype) if name in expected}
+    state = {name: tensor for name, tensor in checkpoint.tensors(device, dtype) if name in expected}
     for alias, source in _tied_aliases(model).items():
         state.setdefault(alias, state[source])
     model.load_state_dict(state, strict=True, assign=True)
