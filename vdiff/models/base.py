@@ -57,3 +57,10 @@ def canvas_logits(logits: Tensor, shift: int) -> Tensor:
     if shift != 1:
         raise ValueError(f"logits_shift must be 0 or 1, got {shift}")
     return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def canvas_rows(positions: Tensor, shift: int) -> Tensor:
+    """The logits row that scores each canvas position: `canvas_logits` as a gather, for a few positions."""
+    if shift not in (0, 1):
+        raise ValueError(f"logits_shift must be 0 or 1, got {shift}")
+    return positions if shift == 0 else (positions - 1).clamp_min(0)

@@ -1,0 +1,28 @@
+"""Engine configuration: frozen, typed, validated where it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    tokenizer: str | None = None  # a separate tokenizer directory or hub id; the model's by default
+    dtype: str = "auto"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    chat_template: str | None = None  # a Jinja template or a file holding one, replacing the model's
+    max_num_seqs: int = 16  # requests that share one forward pass
+    max_num_batched_tokens: int | None = None  # cap on (rows x longest canvas) of one forward
+    seed: int = 0  # seeds the per-request RNG of requests that bring no seed
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an integer >= 1, got {self.max_num_seqs!r}")
+        if self.max_num_batched_tokens is not None and (
+            not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
+        ):
+            raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")

@@ -1,0 +1,59 @@
+"""The decoding-strategy interface and the registry that maps algorithm names to strategies.
+
+A strategy owns one family of schedules: it resolves the parameters it reads, sets up a request's
+schedule when the request is admitted, and once per engine step commits tokens on the canvases of
+all its requests from one shared forward pass. Strategies are stateless; everything that changes
+lives on the Request, so one instance serves every request that names it. The engine and the
+scheduler only ever call these four methods, so new strategies (threshold decoding, cached
+forwards, APD) slot in without touching either.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+if TYPE_CHECKING:
+    from vdiff.request import Request
+    from vdiff.runner import StepBatch
+    from vdiff.sampling_params import SamplingDefaults, SamplingParams
+
+
+class DecodingStrategy(ABC):
+    name: ClassVar[str]  # the SamplingParams.algorithm value that selects it
+
+    @abstractmethod
+    def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
+        """Fill the fields this algorithm reads; raise ValueError for fields it cannot honour."""
+
+    @abstractmethod
+    def gen_length(self, params: SamplingParams) -> int:
+        """Generated canvas positions for resolved params (max_tokens, rounded up if the schedule needs it)."""
+
+    @abstractmethod
+    def start(self, request: Request) -> None:
+        """Set the schedule of a newly admitted request."""
+
+    @abstractmethod
+    def step(self, batch: StepBatch, rows: list[int]) -> None:
+        """Commit tokens on the canvases of batch.requests[rows] and advance their schedules."""
+
+
+_REGISTRY: dict[str, DecodingStrategy] = {}
+S = TypeVar("S", bound=type[DecodingStrategy])
+
+
+def register(cls: S) -> S:
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_strategy(name: str) -> DecodingStrategy:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"algorithm must be one of {algorithm_names()}, got {name!r}") from None
+
+
+def algorithm_names() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,169 @@
+"""LLaDA's sampler: ML-GSAI/LLaDA generate.py (HEAD, b7e6c35), one request at a time or many.
+
+The answer is cut into blocks decoded left to right (semi-autoregressive when block_length <
+max_tokens). Each block gets steps // num_blocks steps and a fixed number of tokens per step
+(the linear schedule). A step proposes x0 for every masked position left of the block end
+(greedy at temperature 0, Gumbel-max in float64 above it) and commits the k proposals with the
+highest confidence: the softmax probability of x0 (`low_confidence`) or a uniform draw
+(`random`). Committed tokens are never re-masked.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from vdiff.decoding.base import DecodingStrategy, register
+from vdiff.decoding.ops import (
+    Candidates,
+    commit,
+    gumbel_argmax,
+    masked_candidates,
+    softmax_in,
+    top_by_confidence,
+    top_k_filter,
+    top_p_filter,
+    transfer_counts,
+)
+
+if TYPE_CHECKING:
+    from vdiff.request import Request
+    from vdiff.runner import StepBatch
+    from vdiff.sampling_params import SamplingDefaults, SamplingParams
+
+DEFAULT_BLOCK_LENGTH = 32  # LLaDA's chat.py and README; semi-AR blocks curb the Instruct model's EOS flood
+
+
+class LLaDASampler(DecodingStrategy):
+    def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
+        for name in ("eps", "alg_temp"):
+            if getattr(params, name) is not None:
+                raise ValueError(f"{name} applies to Dream's algorithms, not to {self.name!r}")
+        max_tokens = _max_tokens(params)
+        block = params.block_length or min(DEFAULT_BLOCK_LENGTH, max_tokens)
+        num_blocks = math.ceil(max_tokens / block)
+        steps = params.steps or defaults.steps or num_blocks * block
+        if steps % num_blocks:
+            raise ValueError(
+                f"steps ({steps}) must be a multiple of the number of blocks ({num_blocks}: max_tokens "
+                f"{max_tokens} in blocks of block_length {block})"
+            )
+        return params.replace(block_length=block, steps=steps)
+
+    def gen_length(self, params: SamplingParams) -> int:
+        block = params.block_length
+        assert block is not None
+        return math.ceil(_max_tokens(params) / block) * block
+
+    def start(self, request: Request) -> None:
+        request.block = 0
+        self._start_block(request)
+
+    def step(self, batch: StepBatch, rows: list[int]) -> None:
+        for group in _by_confidence_dtype(batch, rows):
+            requests = [batch.requests[r] for r in group]
+            candidates = masked_candidates(batch.input_ids, group, requests)
+            logits = batch.logits_at(candidates)  # (N, V)
+            x0 = self._propose(logits, candidates)
+            confidence = self.confidence(logits, x0, candidates, batch)
+            picks = top_by_confidence(confidence, candidates, [r.transfer_plan[r.step] for r in requests])
+            commit(batch.input_ids, candidates, x0, picks)
+            for request in requests:
+                self._advance(request)
+
+    @abstractmethod
+    def confidence(self, logits: Tensor, x0: Tensor, candidates: Candidates, batch: StepBatch) -> Tensor:
+        """(N,) the score by which each step commits its k best proposals."""
+
+    def _propose(self, logits: Tensor, candidates: Candidates) -> Tensor:
+        x0 = logits.argmax(dim=-1)  # (N,) greedy; rows sampled at temperature > 0 are replaced below
+        for _, request, seg in candidates.segments():
+            params = request.params
+            if params.temperature:
+                x0[seg] = gumbel_argmax(_filtered(logits[seg], params), params.temperature, request.generator)
+        return x0
+
+    def _start_block(self, request: Request) -> None:
+        block = request.params.block_length
+        assert block is not None
+        start = request.prompt_len + request.block * block
+        request.window_end = start + block
+        masked = int((request.canvas[start : start + block] == request.mask_id).sum())
+        request.transfer_plan = transfer_counts(masked, _steps_per_block(request))
+        request.step = 0
+
+    def _advance(self, request: Request) -> None:
+        request.step += 1
+        if request.step < len(request.transfer_plan):
+            return
+        request.block += 1
+        if request.window_end >= request.canvas_len:
+            request.schedule_done = True
+        else:
+            self._start_block(request)
+
+
+@register
+class LowConfidence(LLaDASampler):
+    name = "low_confidence"
+
+    def confidence(self, logits: Tensor, x0: Tensor, candidates: Candidates, batch: StepBatch) -> Tensor:
+        for _, request, seg in candidates.segments():
+            if request.params.confidence_eos_eot_inf:
+                _ban_end_tokens(logits[seg], request.params.temperature, batch)
+        probs = softmax_in(logits, candidates.requests[0].params.torch_confidence_dtype)  # (N, V)
+        return probs.gather(-1, x0[:, None]).squeeze(-1)
+
+
+@register
+class RandomRemasking(LLaDASampler):
+    name = "random"
+
+    def confidence(self, logits: Tensor, x0: Tensor, candidates: Candidates, batch: StepBatch) -> Tensor:
+        # one uniform per canvas position, as the reference draws them, read at the candidates
+        parts = [
+            torch.rand(r.canvas_len, device=logits.device, generator=r.generator)[candidates.cols[seg]]
+            for _, r, seg in candidates.segments()
+        ]
+        return torch.cat(parts)
+
+
+def _ban_end_tokens(logits: Tensor, temperature: float | None, batch: StepBatch) -> None:
+    """`confidence_eos_eot_inf` as the reference behaves, after x0 is chosen.
+
+    Its chained assignment sets EOS to -inf in the noisy logits and EoT in the logits. At
+    temperature 0 those are one tensor, so both lose all confidence; above 0 only EoT does.
+    """
+    if not temperature:
+        logits[:, batch.eos_id] = float("-inf")
+    if batch.eot_id is not None:
+        logits[:, batch.eot_id] = float("-inf")
+
+
+def _filtered(logits: Tensor, params: SamplingParams) -> Tensor:
+    if params.top_p < 1:
+        logits = top_p_filter(logits, params.top_p)
+    return top_k_filter(logits, params.top_k) if params.top_k_enabled else logits
+
+
+def _by_confidence_dtype(batch: StepBatch, rows: list[int]) -> Iterator[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for row in rows:
+        groups.setdefault(batch.requests[row].params.confidence_dtype, []).append(row)
+    yield from groups.values()
+
+
+def _steps_per_block(request: Request) -> int:
+    steps, block = request.params.steps, request.params.block_length
+    assert steps is not None and block is not None
+    return steps // (request.gen_length // block)
+
+
+def _max_tokens(params: SamplingParams) -> int:
+    assert params.max_tokens is not None, "SamplingDefaults.apply sets max_tokens"
+    return params.max_tokens

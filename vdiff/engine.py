@@ -1,0 +1,171 @@
+"""The diffusion engine: continuous batching at the granularity of one denoising step.
+
+`step()` is the whole algorithm: the scheduler picks the running set, the runner runs one forward
+over all their canvases, each request's decoding strategy commits tokens on its own canvas, and
+every request whose stable prefix (the generated tokens before the first masked position) grew
+reports it. Requests join and leave between steps, at different blocks and steps of their own
+schedules. A request finishes as soon as its answer is settled: a stop token, stop string or
+max_tokens inside the stable prefix. Committed tokens never change, so this early exit gives
+the same answer, up to and including the first stop token, as running the schedule to its end.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+
+from vdiff.config import EngineConfig
+from vdiff.decoding import DecodingStrategy, get_strategy
+from vdiff.models import Checkpoint, DiffusionLM, load_model
+from vdiff.outputs import RequestOutput
+from vdiff.request import Request
+from vdiff.runner import ModelRunner, StepBatch
+from vdiff.sampling_params import SamplingDefaults, SamplingParams
+from vdiff.scheduler import Scheduler
+from vdiff.stopping import settle
+from vdiff.tokenizer import Tokenizer
+
+
+class Engine:
+    def __init__(
+        self, config: EngineConfig, model: nn.Module | None = None, tokenizer: Tokenizer | None = None
+    ) -> None:
+        checkpoint = Checkpoint.open(config.model)
+        self.config = config
+        self.model = model or load_model(checkpoint, config.dtype, config.device, config.trust_remote_code)
+        self.tokenizer = tokenizer or Tokenizer.load(
+            checkpoint, config.tokenizer, config.trust_remote_code, config.chat_template
+        )
+        self.defaults = SamplingDefaults.for_model(checkpoint.model_type, checkpoint.generation_config)
+        self.vocab_size = int(checkpoint.config.get("embedding_size") or checkpoint.config["vocab_size"])
+        self.max_sequence_length = cast(DiffusionLM, self.model).max_sequence_length
+        self.runner = ModelRunner(self.model, self.tokenizer.special)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self._requests: dict[str, Request] = {}
+        self._pending: list[RequestOutput] = []  # abort notices, returned by the next step()
+        self._seeds = random.Random(config.seed)
+        self._ids = itertools.count()
+
+    @torch.inference_mode()
+    def add_request(
+        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a prompt (text, tokenised without special tokens, or token ids); returns its id."""
+        request_id = str(next(self._ids)) if request_id is None else request_id
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request = self._new_request(request_id, self._prompt_ids(prompt), params or SamplingParams())
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One denoising step for every running request; outputs for those with news."""
+        outputs, self._pending = self._pending, []
+        running = self.scheduler.schedule()
+        if not running:
+            return outputs
+        batch = self.runner.forward(running)
+        for strategy, rows in _rows_by_strategy(running).items():
+            strategy.step(batch, rows)
+        outputs += self._report(batch)
+        self.scheduler.retire_finished()
+        return outputs
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request, waiting or running; its final output (finish reason abort) comes with the next step."""
+        request = self.scheduler.remove(request_id)
+        if request is None:
+            return False
+        request.finish("abort")
+        del self._requests[request_id]
+        self._pending.append(_output(request, []))
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._pending)
+
+    @property
+    def num_unfinished(self) -> int:
+        return self.scheduler.num_unfinished
+
+    def _report(self, batch: StepBatch) -> list[RequestOutput]:
+        outputs = []
+        for request, final in zip(batch.requests, _final_lengths(batch), strict=True):
+            new = settle(request, final, self.tokenizer)
+            if new is None:
+                continue
+            outputs.append(_output(request, new))
+            if request.is_finished:
+                del self._requests[request.request_id]
+        return outputs
+
+    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        params = self.defaults.apply(params, len(prompt_ids), self.max_sequence_length)
+        assert params.algorithm is not None
+        strategy = get_strategy(params.algorithm)
+        params = strategy.resolve(params, self.defaults)
+        gen_length = strategy.gen_length(params)
+        if len(prompt_ids) + gen_length > self.max_sequence_length:
+            raise ValueError(
+                f"max_tokens ({params.max_tokens}, {gen_length} canvas positions) plus the prompt "
+                f"({len(prompt_ids)} tokens) exceeds the model's max_sequence_length ({self.max_sequence_length})"
+            )
+        device = self.runner.device
+        special = self.tokenizer.special
+        canvas = torch.full((len(prompt_ids) + gen_length,), special.mask, dtype=torch.long, device=device)
+        canvas[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else special.stop_ids)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return Request(request_id, prompt_ids, params, strategy, canvas, generator, stop_ids, special.mask)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty; diffusion decoding needs at least one prompt token")
+        for position, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                raise ValueError(
+                    f"prompt_token_ids[{position}] = {token!r} is not a token id in [0, {self.vocab_size})"
+                )
+            if token == self.tokenizer.special.mask:
+                raise ValueError(f"prompt_token_ids[{position}] is the mask token id {token}; prompts cannot hold it")
+        return ids
+
+
+def _rows_by_strategy(running: list[Request]) -> dict[DecodingStrategy, list[int]]:
+    rows: dict[DecodingStrategy, list[int]] = {}
+    for row, request in enumerate(running):
+        rows.setdefault(request.strategy, []).append(row)
+    return rows
+
+
+def _final_lengths(batch: StepBatch) -> list[int]:
+    """Generated positions now final per request: those before the first mask, or all once the schedule ends."""
+    ids = batch.input_ids  # (B, L); padding is never the mask id
+    is_mask = ids == batch.requests[0].mask_id
+    first = torch.where(is_mask.any(dim=1), is_mask.int().argmax(dim=1), ids.shape[1])
+    lengths: Tensor = first - torch.tensor([r.prompt_len for r in batch.requests], device=ids.device)
+    return [
+        r.gen_length if r.schedule_done else min(n, r.gen_length)
+        for r, n in zip(batch.requests, lengths.tolist(), strict=True)
+    ]
+
+
+def _output(request: Request, new_token_ids: list[int]) -> RequestOutput:
+    return RequestOutput(
+        request.request_id,
+        new_token_ids,
+        list(request.output_ids),
+        request.text,
+        request.nfe,
+        request.finish_reason,
+        request.stop_reason,
+    )

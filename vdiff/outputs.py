@@ -1,0 +1,42 @@
+"""What the engine reports: one RequestOutput per request per step, and the offline API's result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vdiff.request import FinishReason
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """A step's news for one request: the tokens that became final (the stable prefix grew)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    token_ids: list[int]  # every final generated token so far
+    text: str  # detokenised token_ids, cut before a stop string
+    nfe: int
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One finished prompt of `LLM.generate`; `.outputs[0]` is itself, for code written against vLLM."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]  # up to and including the token that stopped it
+    finish_reason: FinishReason
+    nfe: int
+    stop_reason: int | str | None = None
+
+    @property
+    def outputs(self) -> list[GenerationOutput]:
+        return [self]

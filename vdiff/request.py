@@ -1,0 +1,84 @@
+"""The one object that carries a request from admission to its last output.
+
+The scheduler moves it between queues, the runner reads its canvas, its decoding strategy
+commits tokens and advances its schedule, the engine reports what became final. Nothing else
+travels between them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from vdiff.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from vdiff.decoding.base import DecodingStrategy
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class RequestStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams  # resolved: every field the strategy reads is set
+    strategy: DecodingStrategy
+    canvas: Tensor  # (P + G,) long: the prompt, then G generated positions holding the mask id until committed
+    generator: torch.Generator  # per-request RNG: results do not depend on the other requests in the batch
+    stop_ids: frozenset[int]  # token ids that end the answer (EOS, end of turn, stop_token_ids)
+    mask_id: int
+    arrival_time: float = 0.0
+
+    # schedule position, advanced by the strategy
+    block: int = 0
+    step: int = 0  # step within the current block (LLaDA) or of the whole schedule (Dream)
+    window_end: int = 0  # canvas positions before this one may be committed in the next step
+    transfer_plan: list[int] = field(default_factory=list)  # tokens to commit at each step of the block
+    timesteps: Tensor | None = None  # (steps + 1,) float32 diffusion times t, for schedules that use them
+    schedule_done: bool = False
+
+    # progress, advanced by the engine
+    output_ids: list[int] = field(default_factory=list)  # final tokens reported so far
+    text: str = ""
+    nfe: int = 0  # forward passes this request took part in
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def canvas_len(self) -> int:
+        return int(self.canvas.shape[0])
+
+    @property
+    def gen_length(self) -> int:
+        """Generated positions on the canvas; max_tokens rounded up to what the schedule needs."""
+        return self.canvas_len - self.prompt_len
+
+    @property
+    def max_tokens(self) -> int:
+        assert self.params.max_tokens is not None
+        return self.params.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason
+        self.stop_reason = stop_reason

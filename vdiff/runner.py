@@ -1,0 +1,90 @@
+"""One forward pass for every running request: the only place requests become model tensors.
+
+Canvases of different lengths are right-padded into one (B, L) batch. Right padding keeps every
+canvas at positions 0..len-1, as when it runs alone, and padding is masked on the key side only,
+so a request's logits do not depend on its neighbours beyond floating-point reduction order.
+Classifier-free guidance adds one unconditional row (the prompt masked out) per request that asks
+for it, in the same forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from vdiff.decoding.ops import Candidates
+from vdiff.models.base import DiffusionLM, canvas_rows
+from vdiff.request import Request
+from vdiff.tokenizer import SpecialTokens
+
+
+@dataclass
+class StepBatch:
+    requests: list[Request]
+    input_ids: Tensor  # (B, L) canvases, right-padded; strategies write committed tokens here too
+    logits: Tensor  # (R, L, V) raw model logits; rows B.. are the CFG unconditional canvases
+    logits_shift: int
+    uncond_rows: list[int]  # per request: its unconditional row in `logits`, or -1
+    eos_id: int
+    eot_id: int | None
+
+    def logits_at(self, candidates: Candidates) -> Tensor:
+        """(N, V) logits scoring each candidate position, guided and EOS-banned as its request asks."""
+        sources = canvas_rows(candidates.cols, self.logits_shift)
+        out = self.logits[candidates.batch_rows, sources]  # (N, V), a copy the strategy may edit
+        for g, request, seg in candidates.segments():
+            params = request.params
+            if params.cfg_scale > 0:
+                row = self.uncond_rows[candidates.rows[g]]
+                uncond = self.logits[row, sources[seg]]
+                out[seg] = uncond + (params.cfg_scale + 1) * (out[seg] - uncond)
+            if params.logits_eos_inf:
+                out[seg, self.eos_id] = float("-inf")
+        return out
+
+
+class ModelRunner:
+    def __init__(self, model: nn.Module, special: SpecialTokens) -> None:
+        self.model = model
+        self.pad_id = special.pad if special.pad != special.mask else special.eos
+        self.mask_id = special.mask
+        self.eos_id = special.eos
+        self.eot_id = special.eot
+        self.logits_shift = cast(DiffusionLM, model).logits_shift
+        self.device = next(model.parameters()).device
+
+    def forward(self, requests: list[Request]) -> StepBatch:
+        input_ids = pad_sequence([r.canvas for r in requests], batch_first=True, padding_value=self.pad_id)
+        lengths = [r.canvas_len for r in requests]
+        uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
+        model_ids = input_ids if not uncond_ids else torch.cat([input_ids, *uncond_ids])
+        lengths += [lengths[i] for i, row in enumerate(uncond_rows) if row >= 0]
+        logits = self.model(model_ids, attention_mask=self._padding_mask(lengths)).logits
+        for request in requests:
+            request.nfe += 1
+        return StepBatch(requests, input_ids, logits, self.logits_shift, uncond_rows, self.eos_id, self.eot_id)
+
+    def _unconditional_rows(self, requests: list[Request], input_ids: Tensor) -> tuple[list[int], list[Tensor]]:
+        """LLaDA's CFG input: the canvas with every prompt position set to the mask id."""
+        rows: list[int] = []
+        canvases: list[Tensor] = []
+        for i, request in enumerate(requests):
+            if request.params.cfg_scale > 0:
+                rows.append(len(requests) + len(canvases))
+                canvas = input_ids[i : i + 1].clone()  # (1, L)
+                canvas[0, : request.prompt_len] = self.mask_id
+                canvases.append(canvas)
+            else:
+                rows.append(-1)
+        return rows, canvases
+
+    def _padding_mask(self, lengths: list[int]) -> Tensor | None:
+        longest = max(lengths)
+        if min(lengths) == longest:
+            return None
+        positions = torch.arange(longest, device=self.device)
+        return positions < torch.tensor(lengths, device=self.device)[:, None]  # (R, L) True on real tokens
