@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from make_tiny_model import make_tiny_model, parse_args  # noqa: E402
+from vdiff import LLM  # noqa: E402
 
 
 def write_tiny(out: Path, arch: str, *extra: str) -> Path:
@@ -47,6 +48,21 @@ def tiny_dream(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session", params=["llada", "dream"])
 def tiny_model_dir(request: pytest.FixtureRequest, tiny_llada: Path, tiny_dream: Path) -> Path:
     return tiny_llada if request.param == "llada" else tiny_dream
+
+
+@pytest.fixture(scope="session")
+def llada_llm(tiny_llada: Path) -> LLM:
+    return LLM(model=tiny_llada, max_num_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def dream_llm(tiny_dream: Path) -> LLM:
+    return LLM(model=tiny_dream, max_num_seqs=8)
+
+
+@pytest.fixture(params=["llada", "dream"])
+def llm(request: pytest.FixtureRequest, llada_llm: LLM, dream_llm: LLM) -> LLM:
+    return llada_llm if request.param == "llada" else dream_llm
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,7 +2,8 @@
 
 Only final tokens (the stable prefix) are looked at, so nothing reported is ever taken back.
 Token ids keep the token that stopped the answer (an EOS, or the token that completed a stop
-string); the text stops before a stop string, as vLLM's does by default.
+string); the text stops before a stop string, as vLLM's does by default. Text is only extended
+once its characters are complete, so every reported text is a prefix of the final one.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ def settle(request: Request, final: int, tokenizer: Tokenizer) -> list[int] | No
     start = request.prompt_len
     new = _through_stop_token(request, request.canvas[start + have : start + final].tolist())
     request.output_ids.extend(new)
-    previous_text = len(request.text)
-    request.text = tokenizer.decode(request.output_ids)
-    if request.params.stop:
-        _cut_at_stop_string(request, previous_text, have, tokenizer)
     if not request.is_finished and len(request.output_ids) >= request.max_tokens:
         request.finish("length")
+    previous_text = len(request.text)
+    request.text = _settled_text(tokenizer.decode(request.output_ids), request.is_finished)
+    if request.params.stop:
+        _cut_at_stop_string(request, previous_text, have, tokenizer)
     return request.output_ids[have:]
+
+
+def _settled_text(text: str, finished: bool) -> str:
+    """Text that later tokens cannot change: a trailing U+FFFD may be a character whose bytes are still coming."""
+    return text if finished else text.rstrip("\ufffd")
 
 
 def _through_stop_token(request: Request, new: list[int]) -> list[int]:

@@ -1,0 +1,99 @@
+"""SamplingParams refuses every bad value at construction, naming the field; defaults resolve per model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vdiff import SamplingParams
+from vdiff.decoding import get_strategy
+from vdiff.sampling_params import SamplingDefaults
+
+INVALID: list[tuple[str, Any]] = [
+    ("max_tokens", 0),
+    ("max_tokens", 2.5),
+    ("temperature", -0.1),
+    ("temperature", float("nan")),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_k", -2),
+    ("top_k", 1.0),
+    ("seed", -1),
+    ("seed", 2**64),
+    ("stop", [""]),
+    ("stop", [3]),
+    ("stop_token_ids", [-5]),
+    ("ignore_eos", "yes"),
+    ("steps", 0),
+    ("block_length", -4),
+    ("algorithm", "greedy"),
+    ("cfg_scale", -1.0),
+    ("alg_temp", -0.5),
+    ("eps", 0.0),
+    ("eps", 1.0),
+    ("logits_eos_inf", 1),
+    ("confidence_eos_eot_inf", None),
+    ("confidence_dtype", "float8"),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), INVALID, ids=[f"{f}={v!r}" for f, v in INVALID])
+def test_invalid_value_raises_value_error_naming_the_field(field: str, value: Any) -> None:
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_valid_values_are_kept_and_stop_is_normalised() -> None:
+    params = SamplingParams(max_tokens=7, temperature=0.5, top_p=0.9, top_k=-1, seed=0, stop="###", stop_token_ids=[3])
+    assert params.stop == ("###",) and params.stop_token_ids == (3,)
+    assert not params.top_k_enabled
+    with pytest.raises(AttributeError):
+        params.max_tokens = 3  # type: ignore[misc]
+
+
+def test_dream_defaults_come_from_generation_config() -> None:
+    defaults = SamplingDefaults.for_model("Dream", {"alg": "entropy", "steps": 64, "temperature": 0.2, "top_p": 0.95})
+    params = defaults.apply(SamplingParams(max_tokens=32), prompt_len=4, max_sequence_length=2048)
+    params = get_strategy(params.algorithm or "").resolve(params, defaults)
+    assert (params.algorithm, params.steps, params.temperature, params.top_p, params.eps) == (
+        "entropy",
+        64,
+        0.2,
+        0.95,
+        1e-3,
+    )
+
+
+def test_explicit_values_win_over_generation_config() -> None:
+    defaults = SamplingDefaults.for_model("Dream", {"alg": "entropy", "steps": 64, "temperature": 0.2})
+    params = defaults.apply(SamplingParams(max_tokens=16, temperature=0.0, algorithm="origin"), 4, 2048)
+    assert (params.algorithm, params.temperature) == ("origin", 0.0)
+
+
+def test_llada_family_defaults() -> None:
+    defaults = SamplingDefaults.for_model("llada", {"eos_token_id": 1})
+    params = defaults.apply(SamplingParams(), prompt_len=10, max_sequence_length=100)
+    params = get_strategy("low_confidence").resolve(params, defaults)
+    assert (params.max_tokens, params.block_length, params.steps, params.temperature) == (90, 32, 96, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "fields", "message"),
+    [
+        (
+            "low_confidence",
+            {"max_tokens": 64, "block_length": 16, "steps": 6},
+            r"steps \(6\) must be a multiple of the number of blocks \(4",
+        ),
+        ("low_confidence", {"eps": 0.01}, "eps applies to Dream"),
+        ("random", {"alg_temp": 0.5}, "alg_temp applies to Dream"),
+        ("entropy", {"block_length": 8}, "block_length applies to LLaDA"),
+        ("origin", {"confidence_eos_eot_inf": True}, "confidence_eos_eot_inf applies to LLaDA"),
+    ],
+)
+def test_algorithm_refuses_fields_it_cannot_honour(algorithm: str, fields: dict[str, Any], message: str) -> None:
+    defaults = SamplingDefaults.for_model("llada", {})
+    params = defaults.apply(SamplingParams(algorithm=algorithm, **fields), 4, 4096)
+    with pytest.raises(ValueError, match=message):
+        get_strategy(algorithm).resolve(params, defaults)
