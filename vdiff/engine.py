@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import cast
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from vdiff.config import EngineConfig
 from vdiff.decoding import DecodingStrategy, get_strategy
@@ -149,13 +149,11 @@ def _rows_by_strategy(running: list[Request]) -> dict[DecodingStrategy, list[int
 
 def _final_lengths(batch: StepBatch) -> list[int]:
     """Generated positions now final per request: those before the first mask, or all once the schedule ends."""
-    ids = batch.input_ids  # (B, L); padding is never the mask id
-    is_mask = ids == batch.requests[0].mask_id
-    first = torch.where(is_mask.any(dim=1), is_mask.int().argmax(dim=1), ids.shape[1])
-    lengths: Tensor = first - torch.tensor([r.prompt_len for r in batch.requests], device=ids.device)
+    # First masked position per row; 0 means none, as position 0 is always prompt (never the mask id).
+    first: list[int] = (batch.input_ids == batch.requests[0].mask_id).int().argmax(dim=1).tolist()
     return [
-        r.gen_length if r.schedule_done else min(n, r.gen_length)
-        for r, n in zip(batch.requests, lengths.tolist(), strict=True)
+        r.gen_length if r.schedule_done or not f else f - r.prompt_len
+        for r, f in zip(batch.requests, first, strict=True)
     ]
 
 

@@ -36,6 +36,8 @@ class StepBatch:
         """(N, V) logits scoring each candidate position, guided and EOS-banned as its request asks."""
         sources = canvas_rows(candidates.cols, self.logits_shift)
         out = self.logits[candidates.batch_rows, sources]  # (N, V), a copy the strategy may edit
+        if not any(r.params.cfg_scale > 0 or r.params.logits_eos_inf for r in candidates.requests):
+            return out
         for g, request, seg in candidates.segments():
             params = request.params
             if params.cfg_scale > 0:
@@ -58,8 +60,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     def forward(self, requests: list[Request]) -> StepBatch:
-        input_ids = pad_sequence([r.canvas for r in requests], batch_first=True, padding_value=self.pad_id)
         lengths = [r.canvas_len for r in requests]
+        input_ids = self._pack([r.canvas for r in requests])
         uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
         model_ids = input_ids if not uncond_ids else torch.cat([input_ids, *uncond_ids])
         lengths += [lengths[i] for i, row in enumerate(uncond_rows) if row >= 0]
@@ -67,6 +69,12 @@ class ModelRunner:
         for request in requests:
             request.nfe += 1
         return StepBatch(requests, input_ids, logits, self.logits_shift, uncond_rows, self.eos_id, self.eot_id)
+
+    def _pack(self, canvases: list[Tensor]) -> Tensor:
+        """(B, L) canvases, right-padded. A lone canvas is used in place: commits write through to it."""
+        if len(canvases) == 1:
+            return canvases[0][None]
+        return pad_sequence(canvases, batch_first=True, padding_value=self.pad_id)
 
     def _unconditional_rows(self, requests: list[Request], input_ids: Tensor) -> tuple[list[int], list[Tensor]]:
         """LLaDA's CFG input: the canvas with every prompt position set to the mask id."""

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import torch
-from oracles import dream_reference, llada_reference
 
+from oracles import dream_reference, llada_reference
 from vdiff import LLM, SamplingParams
 
 PROMPT = [17, 42, 99, 7, 256, 31, 5]

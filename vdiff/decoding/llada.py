@@ -82,6 +82,8 @@ class LLaDASampler(DecodingStrategy):
 
     def _propose(self, logits: Tensor, candidates: Candidates) -> Tensor:
         x0 = logits.argmax(dim=-1)  # (N,) greedy; rows sampled at temperature > 0 are replaced below
+        if not any(r.params.temperature for r in candidates.requests):
+            return x0
         for _, request, seg in candidates.segments():
             params = request.params
             if params.temperature:
@@ -113,9 +115,10 @@ class LowConfidence(LLaDASampler):
     name = "low_confidence"
 
     def confidence(self, logits: Tensor, x0: Tensor, candidates: Candidates, batch: StepBatch) -> Tensor:
-        for _, request, seg in candidates.segments():
-            if request.params.confidence_eos_eot_inf:
-                _ban_end_tokens(logits[seg], request.params.temperature, batch)
+        if any(r.params.confidence_eos_eot_inf for r in candidates.requests):
+            for _, request, seg in candidates.segments():
+                if request.params.confidence_eos_eot_inf:
+                    _ban_end_tokens(logits[seg], request.params.temperature, batch)
         probs = softmax_in(logits, candidates.requests[0].params.torch_confidence_dtype)  # (N, V)
         return probs.gather(-1, x0[:, None]).squeeze(-1)
 

@@ -48,12 +48,16 @@ class Candidates:
 def masked_candidates(input_ids: Tensor, rows: list[int], requests: list[Request]) -> Candidates:
     """The masked positions before each request's window end; prompts never hold the mask id."""
     device = input_ids.device
-    ids = input_ids[rows] if len(rows) < input_ids.shape[0] else input_ids  # (G, L)
-    limit = torch.tensor([r.window_end for r in requests], device=device)[:, None]
-    hit = (ids == requests[0].mask_id) & (torch.arange(ids.shape[1], device=device) < limit)  # (G, L)
+    whole = len(rows) == input_ids.shape[0]
+    ends = [r.window_end for r in requests]
+    ids = (input_ids if whole else input_ids[rows])[:, : max(ends)]  # (G, W)
+    hit = ids == requests[0].mask_id
+    if min(ends) < ids.shape[1]:
+        hit &= torch.arange(ids.shape[1], device=device) < torch.tensor(ends, device=device)[:, None]
     group_rows, cols = hit.nonzero(as_tuple=True)
-    batch_rows = torch.tensor(rows, device=device)[group_rows]
-    return Candidates(requests, rows, batch_rows, group_rows, cols, hit.sum(dim=1).tolist())
+    batch_rows = group_rows if whole else torch.tensor(rows, device=device)[group_rows]
+    counts = [len(cols)] if len(rows) == 1 else hit.sum(dim=1).tolist()
+    return Candidates(requests, rows, batch_rows, group_rows, cols, counts)
 
 
 def transfer_counts(masked: int, steps: int) -> list[int]:
@@ -118,10 +122,19 @@ def top_by_confidence(confidence: Tensor, candidates: Candidates, ks: Sequence[i
 
 def commit(input_ids: Tensor, candidates: Candidates, x0: Tensor, picks: list[Tensor]) -> None:
     """Write x0 at each request's picked positions, on its canvas and on the step's batch ids."""
-    tokens = torch.zeros((len(candidates.requests), input_ids.shape[1]), dtype=torch.long, device=input_ids.device)
+    if len(picks) == 1:  # one request: a handful of ops instead of the batched bookkeeping below
+        values = x0[torch.searchsorted(candidates.cols, picks[0])]  # its candidates are sorted by position
+        input_ids[candidates.rows[0], picks[0]] = values
+        if input_ids.data_ptr() != candidates.requests[0].canvas.data_ptr():
+            candidates.requests[0].canvas[picks[0]] = values
+        return
+    device = input_ids.device
+    tokens = torch.zeros((len(candidates.requests), input_ids.shape[1]), dtype=torch.long, device=device)
     tokens[candidates.group_rows, candidates.cols] = x0  # (G, L): candidate tokens in canvas layout
-    for g, (request, cols) in enumerate(zip(candidates.requests, picks, strict=True)):
-        if cols.numel():
-            values = tokens[g, cols]
-            request.canvas[cols] = values
-            input_ids[candidates.rows[g], cols] = values
+    sizes = [len(cols) for cols in picks]
+    groups = torch.repeat_interleave(torch.arange(len(picks), device=device), torch.tensor(sizes, device=device))
+    cols = torch.cat(picks)
+    values = tokens[groups, cols]
+    input_ids[torch.tensor(candidates.rows, device=device)[groups], cols] = values
+    for request, part, part_cols in zip(candidates.requests, values.split(sizes), picks, strict=True):
+        request.canvas[part_cols] = part
