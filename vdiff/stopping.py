@@ -18,8 +18,7 @@ def settle(request: Request, final: int, tokenizer: Tokenizer) -> list[int] | No
     final = min(final, request.max_tokens)
     if final <= have:
         return None
-    start = request.prompt_len
-    new = _through_stop_token(request, request.canvas[start + have : start + final].tolist())
+    new = _through_stop_token(request, request.answer[have:final])
     request.output_ids.extend(new)
     if not request.is_finished and len(request.output_ids) >= request.max_tokens:
         request.finish("length")

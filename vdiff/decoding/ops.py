@@ -123,10 +123,12 @@ def top_by_confidence(confidence: Tensor, candidates: Candidates, ks: Sequence[i
 def commit(input_ids: Tensor, candidates: Candidates, x0: Tensor, picks: list[Tensor]) -> None:
     """Write x0 at each request's picked positions, on its canvas and on the step's batch ids."""
     if len(picks) == 1:  # one request: a handful of ops instead of the batched bookkeeping below
-        values = x0[torch.searchsorted(candidates.cols, picks[0])]  # its candidates are sorted by position
-        input_ids[candidates.rows[0], picks[0]] = values
-        if input_ids.data_ptr() != candidates.requests[0].canvas.data_ptr():
-            candidates.requests[0].canvas[picks[0]] = values
+        request, cols = candidates.requests[0], picks[0]
+        values = x0[torch.searchsorted(candidates.cols, cols)]  # its candidates are sorted by position
+        input_ids[candidates.rows[0], cols] = values
+        if input_ids.data_ptr() != request.canvas.data_ptr():
+            request.canvas[cols] = values
+        request.record(cols.tolist(), values.tolist())
         return
     device = input_ids.device
     tokens = torch.zeros((len(candidates.requests), input_ids.shape[1]), dtype=torch.long, device=device)
@@ -136,5 +138,8 @@ def commit(input_ids: Tensor, candidates: Candidates, x0: Tensor, picks: list[Te
     cols = torch.cat(picks)
     values = tokens[groups, cols]
     input_ids[torch.tensor(candidates.rows, device=device)[groups], cols] = values
-    for request, part, part_cols in zip(candidates.requests, values.split(sizes), picks, strict=True):
+    all_cols, all_values, start = cols.tolist(), values.tolist(), 0
+    for request, part, part_cols, size in zip(candidates.requests, values.split(sizes), picks, sizes, strict=True):
         request.canvas[part_cols] = part
+        request.record(all_cols[start : start + size], all_values[start : start + size])
+        start += size

@@ -1,0 +1,154 @@
+"""Engine throughput at 1, 4 and 16 concurrent requests against the reference loop and the bare forward.
+
+    python perf/bench_engine.py [--arch llada|dream] [--vocab 8192] [--rounds 3] [--out perf/results/engine_cpu.json]
+
+A tiny model (4 layers, 256 wide, 448 or --vocab rows), fixed seed, prompts of mixed lengths, temperature 0 and
+ignore_eos, so every configuration does the same work: `steps` forwards per request. The
+reference loop is the test oracle (one full forward per step, one request at a time); t_fwd(B)
+is the bare model forward over the same padded batches the engine runs, as many times. Each
+configuration runs once per round, rounds interleaved, best round kept: the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT / "tests")]
+from make_tiny_model import make_tiny_model, parse_args  # noqa: E402
+from oracles import dream_reference, llada_reference  # noqa: E402
+from vdiff import LLM, SamplingParams  # noqa: E402
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA allocator peak, or resident set size sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        self.peak, self._running = 0, False
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._running = False
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak = torch.cuda.max_memory_allocated()
+
+    def _sample(self) -> None:
+        while self._running:
+            pages = int(Path("/proc/self/statm").read_text().split()[1])
+            self.peak = max(self.peak, pages * 4096)
+            time.sleep(0.01)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any, int]:
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+    return seconds, result, memory.peak
+
+
+def bare_forwards(llm: LLM, prompts: list[list[int]], gen: int, batch: int) -> Callable[[], None]:
+    """The engine's forwards without the engine: `gen` forwards of each padded batch of `batch` canvases."""
+    mask_id = llm.tokenizer.special.mask
+    batches = []
+    for i in range(0, len(prompts), batch):
+        canvases = [torch.tensor(p + [mask_id] * gen) for p in prompts[i : i + batch]]
+        ids = torch.nn.utils.rnn.pad_sequence(canvases, batch_first=True, padding_value=0)
+        keep = torch.arange(ids.shape[1]) < torch.tensor([len(c) for c in canvases])[:, None]
+        batches.append((ids, None if batch == 1 else keep))
+
+    @torch.inference_mode()
+    def run() -> None:
+        for ids, keep in batches:
+            for _ in range(gen):
+                llm.model(ids, attention_mask=keep)
+
+    return run
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser()
+    cli.add_argument("--arch", choices=["llada", "dream"], default="llada")
+    cli.add_argument("--requests", type=int, default=32)
+    cli.add_argument("--max-tokens", type=int, default=32)
+    cli.add_argument("--rounds", type=int, default=3)
+    cli.add_argument("--vocab", type=int, help="vocabulary rows (default 448; 8192 gives LLaDA-8B's vocab/width of 32)")
+    cli.add_argument("--out", type=Path, default=ROOT / "perf/results/engine_cpu.json")
+    args = cli.parse_args()
+    rng, gen = random.Random(0), args.max_tokens
+    model_dir = Path(tempfile.mkdtemp()) / "bench-model"
+    tiny = ["--layers", "4", "--hidden", "256", "--heads", "4", "--intermediate", "688", "--seed", "0"]
+    tiny += ["--embedding-rows", str(args.vocab)] if args.vocab else []
+    make_tiny_model(parse_args(["--arch", args.arch, "--out", str(model_dir), *tiny]))
+    prompts = [[rng.randrange(1, 380) for _ in range(rng.randrange(8, 33))] for _ in range(args.requests)]
+    algorithm = "low_confidence" if args.arch == "llada" else "entropy"
+    params = SamplingParams(max_tokens=gen, steps=gen, algorithm=algorithm, temperature=0.0, ignore_eos=True, seed=0)
+    llm = LLM(model=model_dir)
+    mask = llm.tokenizer.special.mask
+    if args.arch == "llada":
+        oracle = partial(llada_reference, llm.model, mask_id=mask, steps=gen, gen_length=gen, block_length=gen)
+    else:
+        oracle = partial(dream_reference, llm.model, mask_id=mask, steps=gen, gen_length=gen, alg=algorithm)
+
+    def engine(concurrency: int) -> list[list[int]]:
+        llm.engine.scheduler.max_num_seqs = concurrency
+        return [o.token_ids for o in llm.generate(prompts, params)]
+
+    runs = {"reference": lambda: [oracle(p) for p in prompts]}
+    runs |= {f"engine_c{c}": partial(engine, c) for c in (1, 4, 16)}
+    runs |= {f"forward_b{b}": bare_forwards(llm, prompts, gen, b) for b in (1, 16)}
+    expected = runs["reference"]()  # also the warm-up
+    best = {name: (float("inf"), 0, True) for name in runs}
+    for _ in range(args.rounds):  # rounds interleave the configurations: this is a shared machine
+        for name, run in runs.items():
+            seconds, tokens, peak = timed(run)
+            same = name.startswith("forward") or tokens == expected
+            best[name] = (min(best[name][0], seconds), max(best[name][1], peak), best[name][2] and same)
+    total = args.requests * gen  # ignore_eos: every request makes gen tokens in `steps` = gen forwards
+    t1, t16 = (1e3 * best[f"forward_b{b}"][0] * b / total for b in (1, 16))  # ms per forward
+    lines: dict[str, dict[str, Any]] = {}
+    for name, (seconds, peak, same) in best.items():
+        if name.startswith("forward"):
+            continue
+        concurrency = 1 if name == "reference" else int(name.split("_c")[1])
+        lines[name] = {"tok_s": total / seconds, "nfe_per_token": 1.0, "step_ms": 1e3 * seconds * concurrency / total}
+        lines[name] |= {"peak_mb": peak / 2**20, "equals_reference": same}
+    lines["forward"] = {"t_fwd_1_ms": t1, "t_fwd_16_ms": t16}
+    lines["targets"] = {
+        "c1_vs_reference": lines["engine_c1"]["tok_s"] / lines["reference"]["tok_s"],
+        "c1_step_over_t_fwd_1": lines["engine_c1"]["step_ms"] / t1,
+        "c16_gain": lines["engine_c16"]["tok_s"] / lines["engine_c1"]["tok_s"],
+        "forward_gain_16": 16 * t1 / t16,
+    }
+    for name, line in lines.items():
+        print(f"{name:12s}", "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
+    machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    setup = {"arch": args.arch, "vocab": llm.engine.vocab_size, "requests": args.requests, "max_tokens": gen}
+    setup |= {"rounds": args.rounds, "torch": torch.__version__, **machine}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"setup": setup, **lines}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
