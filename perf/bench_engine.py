@@ -120,11 +120,13 @@ def main() -> None:
     runs |= {f"forward_b{b}": bare_forwards(llm, prompts, gen, b) for b in (1, 16)}
     expected = runs["reference"]()  # also the warm-up
     best = {name: (float("inf"), 0, True) for name in runs}
+    spread = {name: [float("inf"), 0.0] for name in runs}  # fastest and slowest round
     for _ in range(args.rounds):  # rounds interleave the configurations: this is a shared machine
         for name, run in runs.items():
             seconds, tokens, peak = timed(run)
             same = name.startswith("forward") or tokens == expected
             best[name] = (min(best[name][0], seconds), max(best[name][1], peak), best[name][2] and same)
+            spread[name] = [min(spread[name][0], seconds), max(spread[name][1], seconds)]
     total = args.requests * gen  # ignore_eos: every request makes gen tokens in `steps` = gen forwards
     t1, t16 = (1e3 * best[f"forward_b{b}"][0] * b / total for b in (1, 16))  # ms per forward
     lines: dict[str, dict[str, Any]] = {}
@@ -134,6 +136,7 @@ def main() -> None:
         concurrency = 1 if name == "reference" else int(name.split("_c")[1])
         lines[name] = {"tok_s": total / seconds, "nfe_per_token": 1.0, "step_ms": 1e3 * seconds * concurrency / total}
         lines[name] |= {"peak_mb": peak / 2**20, "equals_reference": same}
+        lines[name]["round_spread"] = spread[name][1] / spread[name][0] - 1  # slowest round over fastest
     lines["forward"] = {"t_fwd_1_ms": t1, "t_fwd_16_ms": t16}
     lines["targets"] = {
         "c1_vs_reference": lines["engine_c1"]["tok_s"] / lines["reference"]["tok_s"],

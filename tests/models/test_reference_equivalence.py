@@ -114,3 +114,62 @@ def test_official_llada_sampler_drives_vdiff_like_its_own_model(tiny_llada: Path
         expected = reference.generate(theirs, ids, attention_mask=attention, mask_id=mask_id, **setting)
         assert torch.equal(got, expected), setting
         assert not (got == mask_id).any()
+
+
+def test_engine_equals_published_llada_generate(tiny_llada: Path) -> None:
+    """vdiff's engine against LLaDA's own generate() on vdiff's model, temperature 0, batch 1."""
+    from vdiff import LLM, SamplingParams
+
+    reference = _load_llada_generate()
+    llm = LLM(model=tiny_llada)
+    prompt = [17, 42, 99, 7, 256, 31, 5]
+    for setting in (
+        {"steps": 32, "gen_length": 32, "block_length": 8},
+        {"steps": 12, "gen_length": 24, "block_length": 8},
+    ):
+        expected = reference.generate(llm.model, torch.tensor([prompt]), mask_id=llm.tokenizer.special.mask, **setting)
+        params = SamplingParams(
+            max_tokens=setting["gen_length"],
+            steps=setting["steps"],
+            block_length=setting["block_length"],
+            ignore_eos=True,
+        )
+        assert llm.generate([prompt], params)[0].token_ids == expected[0, len(prompt) :].tolist(), setting
+
+
+@pytest.mark.parametrize("algorithm", ["origin", "maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("top_k", [None, 50])
+def test_engine_equals_published_dream_diffusion_generate(
+    tiny_dream: Path, tmp_path: Path, algorithm: str, top_k: int | None
+) -> None:
+    """vdiff's engine against the official Dream model's own diffusion_generate(), temperature 0, batch 1.
+
+    Called without top_k, diffusion_generate under transformers 4.5x filters to the top 50 tokens:
+    the model's generation_config says null, but transformers' GenerationConfig default (50) wins
+    the merge. Only an explicit top_k=None turns the filter off.
+    """
+    from vdiff import LLM, SamplingParams
+
+    theirs = official_model(with_reference_code(tiny_dream, "dream", tmp_path))
+    llm = LLM(model=tiny_dream)
+    prompt = [17, 42, 99, 7, 256, 31, 5]
+    torch.manual_seed(5)  # origin reveals positions at random even at temperature 0; the engine seeds alike
+    options = {"top_k": None} if top_k is None else {}  # the default call is the top-50 one
+    expected = theirs.diffusion_generate(
+        torch.tensor([prompt]), max_new_tokens=24, steps=12, alg=algorithm, temperature=0.0, **options
+    )
+    params = SamplingParams(max_tokens=24, steps=12, algorithm=algorithm, seed=5, ignore_eos=True, top_k=top_k or 0)
+    assert llm.generate([prompt], params)[0].token_ids == expected[0, len(prompt) :].tolist()
+
+
+def _load_llada_generate() -> object:
+    import importlib.util
+
+    source = Path(str(REFERENCE)) / "llada" / "generate.py"
+    if not source.exists():
+        pytest.skip(f"{source} is not there")
+    spec = importlib.util.spec_from_file_location("llada_reference_generate", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

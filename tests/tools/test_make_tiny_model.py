@@ -94,3 +94,14 @@ def test_command_line(tmp_path: Path) -> None:
     assert (config["d_model"], config["n_heads"], config["torch_dtype"]) == (32, 2, "float32")
     bad = subprocess.run([*command[:6], "--hidden", "30", "--heads", "4"], capture_output=True, text=True)
     assert bad.returncode == 2 and "--hidden must divide by --heads" in bad.stderr
+
+
+@pytest.mark.parametrize("arch", ["llada", "dream"])
+def test_embedding_rows_widen_the_vocabulary_past_the_tokenizer(arch: str, tmp_path: Path) -> None:
+    out = write_tiny(tmp_path / arch, arch, "--embedding-rows", "1024")
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 1024
+    head = "model.transformer.ff_out.weight" if arch == "llada" else "lm_head.weight"
+    assert load_file(out / "model.safetensors")[head].shape[0] == 1024
+    with pytest.raises(SystemExit, match="below the tokenizer"):
+        write_tiny(tmp_path / "small", arch, "--embedding-rows", "64")
