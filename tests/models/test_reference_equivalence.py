@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,16 +86,7 @@ def test_dream_padded_batch_equals_official_code(tiny_dream: Path, tmp_path: Pat
 def test_official_llada_sampler_drives_vdiff_like_its_own_model(tiny_llada: Path, tmp_path: Path) -> None:
     """LLaDA's published generate() (generate.py beside the modeling files) over a padded batch:
     the same canvases with vdiff's model as with the official one (greedy, CFG, random remasking, T > 0)."""
-    import importlib.util
-
-    source = Path(str(REFERENCE)) / "llada" / "generate.py"
-    if not source.exists():
-        pytest.skip(f"{source} is not there")
-    spec = importlib.util.spec_from_file_location("llada_reference_generate", source)
-    assert spec is not None and spec.loader is not None
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
-
+    reference = _load_llada_generate()
     path = with_reference_code(tiny_llada, "llada", tmp_path)
     ours, theirs = load_model(path, dtype="float32"), official_model(path)
     mask_id = ours.mask_token_id
@@ -162,7 +154,7 @@ def test_engine_equals_published_dream_diffusion_generate(
     assert llm.generate([prompt], params)[0].token_ids == expected[0, len(prompt) :].tolist()
 
 
-def _load_llada_generate() -> object:
+def _load_llada_generate() -> Any:
     import importlib.util
 
     source = Path(str(REFERENCE)) / "llada" / "generate.py"
