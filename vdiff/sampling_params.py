@@ -10,6 +10,7 @@ default: generation_config.json where it has one, then the family's published de
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,8 +104,8 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
 def _check_number(name: str, value: object, allowed: str, ok: Callable[[float], bool], optional: bool = False) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or not ok(value):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"{name} must be a finite number {allowed.removeprefix('a number ')}, got {value!r}")
 
 
 def _check_bool(name: str, value: object) -> None:
