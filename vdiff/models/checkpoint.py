@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from vdiff.assets import shipped_model
+
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
@@ -121,11 +123,14 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def resolve_model_dir(path_or_id: str | os.PathLike[str]) -> Path:
-    """A local directory as is; otherwise a Hugging Face Hub id, fetched when a network is there."""
+    """A local directory as is, a model shipped with vdiff by name, else a Hugging Face Hub id."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
     text = str(path_or_id)
+    shipped = shipped_model(text)
+    if shipped is not None:
+        return shipped
     if path.exists():
         raise ModelLoadError(f"{text} is a file; pass the model directory that holds config.json")
     if _looks_like_hub_id(text):
