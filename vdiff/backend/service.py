@@ -1,0 +1,265 @@
+"""The denoising service: one Engine on a background thread, fed by Triton's execute().
+
+`submit()` only checks capacity and enqueues, so execute() returns at once and Triton keeps handing
+over requests. The engine thread loops: take new requests and stop orders, drop cancelled
+requests, run one engine step for every running request (continuous batching), and send each
+request its news. Capacity is `max_num_seqs` running plus `max_queue_size` waiting; past it
+`submit` raises UNAVAILABLE at once, because the queue of a model whose execute() hands work to a
+thread never fills (Triton's own max_queue_size cannot act).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vdiff.backend.inputs import StreamOptions, name_inputs
+from vdiff.backend.metrics import ServiceMetrics
+from vdiff.engine import Engine
+from vdiff.outputs import RequestOutput
+from vdiff.sampling_params import SamplingParams
+
+logger = logging.getLogger("vdiff.backend")
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARG = "INVALID_ARG"
+    UNAVAILABLE = "UNAVAILABLE"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class ServiceError(Exception):
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Update:
+    """One response: every final id so far, and which characters of their text are new."""
+
+    key: str  # the service's id of the request; a stop order with it ends the request
+    token_ids: list[int]
+    text_offset: int  # characters of the answer's text already sent
+    text_end: int  # characters settled now; this response carries [text_offset, text_end)
+    new_tokens: int
+    prompt_text: str  # the echoed prompt, in the first response of an echo request only
+    prompt_tokens: int
+    step_index: int  # the request's forward evaluations so far
+    finish_reason: str  # "" until the last response: stop, length or abort
+
+
+class Sink(Protocol):
+    """Where a request's responses go (Triton's response sender, in the model)."""
+
+    def send(self, update: Update, final: bool) -> None: ...
+
+    def fail(self, kind: ErrorKind, message: str) -> None: ...  # an error response that ends the stream
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class Stream:
+    key: str
+    client_id: str
+    prompt_ids: list[int]
+    prompt_text: str
+    params: SamplingParams
+    options: StreamOptions
+    sink: Sink
+    arrived: float = field(default_factory=time.perf_counter)
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    first_token_at: float | None = None
+    echoed: bool = False
+    cancelled: bool = False
+
+
+class DenoiseService:
+    def __init__(self, engine: Engine, max_queue_size: int, metrics: ServiceMetrics | None = None) -> None:
+        if max_queue_size < 0:
+            raise ValueError(f"max_queue_size must be >= 0, got {max_queue_size}")
+        self.engine = engine
+        self.capacity = engine.config.max_num_seqs + max_queue_size
+        self.metrics = metrics or ServiceMetrics()
+        self._inbox: queue.SimpleQueue[tuple[str, Stream | str | None]] = queue.SimpleQueue()
+        self._streams: dict[str, Stream] = {}  # owned by the engine thread
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        self._keys = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="vdiff-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def submit(
+        self,
+        client_id: str,
+        prompt_ids: list[int],
+        prompt_text: str,
+        params: SamplingParams,
+        options: StreamOptions,
+        sink: Sink,
+    ) -> str:
+        """Hand a request to the engine thread; raises ServiceError(UNAVAILABLE) when full or closing."""
+        with self._lock:
+            if self._closing.is_set():
+                raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down; retry on another replica")
+            if self._in_flight >= self.capacity:
+                raise ServiceError(
+                    ErrorKind.UNAVAILABLE,
+                    f"the server is at capacity ({self._in_flight} requests in flight: max_num_seqs "
+                    f"{self.engine.config.max_num_seqs} running plus max_queue_size "
+                    f"{self.capacity - self.engine.config.max_num_seqs} waiting); retry later",
+                )
+            self._in_flight += 1
+            key = f"vdiff-{next(self._keys)}"
+        self._inbox.put(("add", Stream(key, client_id, prompt_ids, prompt_text, params, options, sink)))
+        return key
+
+    def stop(self, request_id: str) -> None:
+        """End every request whose service key or client request id is `request_id`, at the next step."""
+        self._inbox.put(("stop", request_id))
+
+    def shutdown(self, timeout: float) -> None:
+        """Refuse new requests, let running ones finish for up to `timeout` seconds, end the rest."""
+        self._closing.set()
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._inbox.put(("abandon", None))
+            self._thread.join()
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        abandon = False
+        while True:
+            abandon |= self._take_messages(block=not self.engine.has_unfinished())
+            if abandon:
+                self._end_all(ErrorKind.UNAVAILABLE, "the server shut down before the request finished")
+            if self._closing.is_set() and not self._streams and self._inbox.empty():
+                return
+            self._drop_cancelled()
+            if self.engine.has_unfinished():
+                self._step()
+
+    def _take_messages(self, block: bool) -> bool:
+        """Apply queued adds and stops; True when told to abandon the remaining requests."""
+        abandon = False
+        try:
+            message = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+            while True:
+                kind, item = message
+                if kind == "add":
+                    assert isinstance(item, Stream)
+                    self._add(item)
+                elif kind == "stop":
+                    assert isinstance(item, str)
+                    self._stop(item)
+                abandon |= kind == "abandon"
+                message = self._inbox.get_nowait()
+        except queue.Empty:
+            return abandon
+
+    def _add(self, stream: Stream) -> None:
+        try:
+            self.engine.add_request(stream.prompt_ids, stream.params, request_id=stream.key)
+        except ValueError as error:
+            self._release(stream)
+            stream.sink.fail(ErrorKind.INVALID_ARG, name_inputs(str(error)))
+            return
+        self._streams[stream.key] = stream
+        self._report_queue()
+
+    def _stop(self, request_id: str) -> None:
+        for stream in list(self._streams.values()):
+            if request_id in (stream.key, stream.client_id):
+                self.engine.abort(stream.key)
+
+    def _drop_cancelled(self) -> None:
+        for stream in self._streams.values():
+            if not stream.cancelled and stream.sink.is_cancelled():
+                stream.cancelled = True
+                self.engine.abort(stream.key)
+
+    def _step(self) -> None:
+        computing = bool(self.engine.scheduler.has_unfinished())
+        started = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception:
+            logger.exception("engine step failed; ending every request in flight")
+            self._end_all(ErrorKind.INTERNAL, "the engine failed during a denoising step (see the server log)")
+            return
+        if computing:
+            self.metrics.step(time.perf_counter() - started)
+        for output in outputs:
+            self._deliver(output)
+        self._report_queue()
+
+    def _deliver(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        now = time.perf_counter()
+        if output.new_token_ids:
+            self.metrics.tokens(len(output.new_token_ids))
+            if stream.first_token_at is None:
+                stream.first_token_at = now
+                self.metrics.first_token(now - stream.arrived)
+        if output.finished:
+            self._release(stream)
+            self.metrics.finished(len(stream.prompt_ids), output.nfe, len(output.token_ids), now - stream.arrived)
+        if stream.cancelled:
+            if output.finished:
+                stream.sink.fail(ErrorKind.CANCELLED, "the request was cancelled")
+            return
+        if stream.options.stream or output.finished:
+            stream.sink.send(self._update(stream, output), final=output.finished)
+
+    def _update(self, stream: Stream, output: RequestOutput) -> Update:
+        echo = stream.prompt_text if stream.options.echo and not stream.echoed else ""
+        stream.echoed = True
+        update = Update(
+            key=stream.key,
+            token_ids=output.token_ids,
+            text_offset=stream.sent_chars,
+            text_end=len(output.text),
+            new_tokens=len(output.token_ids) - stream.sent_tokens,
+            prompt_text=echo,
+            prompt_tokens=len(stream.prompt_ids),
+            step_index=output.nfe,
+            finish_reason=output.finish_reason or "",
+        )
+        stream.sent_chars, stream.sent_tokens = len(output.text), len(output.token_ids)
+        return update
+
+    def _release(self, stream: Stream) -> None:
+        self._streams.pop(stream.key, None)
+        with self._lock:
+            self._in_flight -= 1
+
+    def _end_all(self, kind: ErrorKind, message: str) -> None:
+        for stream in list(self._streams.values()):
+            self.engine.abort(stream.key)
+            self._release(stream)
+            stream.sink.fail(kind, message)
+        self._report_queue()
+
+    def _report_queue(self) -> None:
+        running = len(self.engine.scheduler.running)
+        self.metrics.queue(running, max(0, self._in_flight - running))
