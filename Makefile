@@ -21,8 +21,8 @@ test-all:
 	$(BIN)/pytest
 
 lint:
-	$(BIN)/ruff check vdiff tools tests
-	$(BIN)/ruff format --check vdiff tools tests
+	$(BIN)/ruff check vdiff tools tests perf model_repository
+	$(BIN)/ruff format --check vdiff tools tests perf model_repository
 	$(BIN)/mypy
 
 tiny:

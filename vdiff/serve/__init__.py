@@ -1,0 +1,1 @@
+"""`vdiff serve`: run vdiff's Triton model repository on a tritonserver, one command."""
