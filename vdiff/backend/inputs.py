@@ -36,6 +36,7 @@ OPTIONS = (
     Option("top_k", "TYPE_INT32", "top_k"),
     Option("seed", "TYPE_UINT64", "seed"),
     Option("stop_words", "TYPE_STRING", "stop"),
+    Option("ignore_eos", "TYPE_BOOL", "ignore_eos"),  # fixed-length outputs, for benchmarks
     Option("steps", "TYPE_INT32", "steps"),
     Option("block_length", "TYPE_INT32", "block_length"),
     Option("algorithm", "TYPE_STRING", "algorithm"),
