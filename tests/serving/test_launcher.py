@@ -1,0 +1,82 @@
+"""`vdiff serve` as a user runs it: serves, drains on SIGTERM and exits 0; reports a dead server."""
+
+from __future__ import annotations
+
+import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from clients import http_post, read_metric
+
+from conftest import free_ports
+
+
+class ServeProcess:
+    """`python -m vdiff.serve.cli serve ...` with its output read line by line."""
+
+    def __init__(self, *args: str) -> None:
+        self.http, self.grpc, self.metrics = free_ports(3)
+        command = [sys.executable, "-m", "vdiff.serve.cli", "serve", "--torch-num-threads", "1"]
+        command += ["--triton-http-port", str(self.http), "--triton-grpc-port", str(self.grpc)]
+        command += ["--triton-metrics-port", str(self.metrics), "--exit-timeout", "20", *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.output.append(line)
+            self.lines.put(line)
+
+    def wait_for_line(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if text in self.lines.get(timeout=deadline - time.monotonic()):
+                    return
+            except queue.Empty:
+                break
+        self.process.kill()
+        pytest.fail(f"no line with {text!r} within {timeout} s:\n{''.join(self.output)}")
+
+
+def test_serve_answers_and_drains_a_request_in_flight_on_sigterm(tiny_llada: Path) -> None:
+    server = ServeProcess("--model", str(tiny_llada))
+    server.wait_for_line("vdiff is serving", timeout=180)
+    url = f"http://127.0.0.1:{server.http}/v2/models/vdiff/generate"
+    status, body = http_post(url, {"text_input": "hello", "max_tokens": 16})
+    assert status == 200 and json.loads(body)["num_output_tokens"] == 16
+
+    answers: list[tuple[int, str]] = []
+    long_request = {"text_input": "drain me", "max_tokens": 256, "ignore_eos": True}
+    worker = threading.Thread(target=lambda: answers.append(http_post(url, long_request)))
+    worker.start()
+    metrics = f"http://127.0.0.1:{server.metrics}/metrics"
+    deadline = time.monotonic() + 10
+    while read_metric(metrics, "vdiff:num_requests_running") < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    server.process.send_signal(signal.SIGTERM)
+    worker.join(120)
+    assert server.process.wait(120) == 0, "".join(server.output)
+    status, body = answers[0]
+    assert status == 200, body
+    assert json.loads(body)["num_output_tokens"] == 256  # finished, not cut off
+    assert any("draining requests in flight" in line for line in server.output)
+
+
+def test_serve_exits_nonzero_with_the_server_log_when_tritonserver_dies(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    server = ServeProcess("--model", str(missing))
+    code = server.process.wait(180)
+    output = "".join(server.output)
+    assert code != 0
+    assert "tritonserver exited with code" in output
+    assert str(missing) in output  # the model's load error, from the server's last log lines

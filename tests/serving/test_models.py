@@ -1,0 +1,105 @@
+"""Each model.py in-process, with the stand-in `triton_python_backend_utils`: parsing and responses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pb_utils_standin as pb
+import pytest
+
+from vdiff.backend.service import Update
+from vdiff.backend.tensors import denoiser_outputs
+from vdiff.serve.repository import SOURCE, read_parameters
+from vdiff.tokenizer import Tokenizer
+
+
+def load_model(name: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location(f"{name}_model", SOURCE / name / "1" / "model.py")
+    assert spec is not None and spec.loader is not None
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parameters = read_parameters((SOURCE / name / "config.pbtxt").read_text()) | {"model": str(model_dir)}
+    config = {"parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_name": name, "model_version": "1"})
+    return model
+
+
+def text(value: str) -> np.ndarray:
+    return np.array([[value.encode()]], dtype=np.object_)
+
+
+def scalar(value: Any, dtype: Any) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)
+
+
+def test_tokenizer_encodes_and_refuses_bad_requests(tiny_llada: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model("tokenizer", tiny_llada, monkeypatch)
+    good = pb.Request({"text_input": text("hello world"), "max_tokens": scalar(8, np.int32)})
+    missing = pb.Request({"max_tokens": scalar(8, np.int32)})
+    bad = pb.Request({"text_input": text("x"), "algorithm": text("fastest")})
+    responses = model.execute([good, missing, bad])
+    ids = Tokenizer.load(tiny_llada).encode("hello world")
+    assert responses[0].outputs()["INPUT_IDS"].tolist() == [ids]
+    assert responses[0].outputs()["INPUT_LENGTH"].tolist() == [[len(ids)]]
+    assert responses[1].error().code() == pb.TritonError.INVALID_ARG
+    assert responses[1].error().message() == "input 'text_input' is required"
+    assert responses[2].error().code() == pb.TritonError.INVALID_ARG
+    assert "algorithm must be one of" in responses[2].error().message()
+
+
+def test_denoiser_streams_tensors_and_ends_with_final(tiny_llada: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model("diffusion_denoise", tiny_llada, monkeypatch)
+    ids = Tokenizer.load(tiny_llada).encode("hello")
+    try:
+        request = pb.Request(
+            {
+                "input_ids": np.array([ids], dtype=np.int32),
+                "max_tokens": scalar(16, np.int32),
+                "stream": scalar(True, bool),
+            }
+        )
+        bad = pb.Request({"input_ids": np.array([ids], dtype=np.int32), "top_p": scalar(0.0, np.float32)})
+        stop_without_id = pb.Request({"stop": scalar(True, bool)})
+        assert model.execute([request, bad, stop_without_id]) is None
+        assert request.sender.closed.wait(60)
+        outputs = [response.outputs() for response, _ in request.sender.responses]
+        assert [flags for _, flags in request.sender.responses][-1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        assert sum(int(o["NUM_OUTPUT_TOKENS"][0, 0]) for o in outputs) == 16
+        assert outputs[-1]["TOKENS"].shape == (1, 16) and outputs[-1]["FINISH_REASON"].tolist() == [[b"length"]]
+        assert all(o["NUM_INPUT_TOKENS"].tolist() == [[len(ids)]] for o in outputs)
+        for failed in (bad, stop_without_id):
+            (response, flags), *rest = failed.sender.responses
+            assert not rest and flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            assert response.error().code() == pb.TritonError.INVALID_ARG
+        assert "top_p" in bad.sender.responses[0][0].error().message()
+        assert "needs the id" in stop_without_id.sender.responses[0][0].error().message()
+    finally:
+        model.finalize()
+
+
+def test_detokenizer_returns_the_delta_and_stops_cancelled_work(
+    tiny_llada: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = load_model("detokenizer", tiny_llada, monkeypatch)
+    tokenizer = Tokenizer.load(tiny_llada)
+    ids = tokenizer.encode("one two three")
+    full = tokenizer.decode(ids)
+    update = Update("vdiff-7", ids, len("one"), len(full), 2, "", 4, 9, "")
+    live = pb.Request(denoiser_outputs(update))
+    cancelled = pb.Request(denoiser_outputs(update), cancelled=True)
+    pb.InferenceRequest.executed.clear()
+    first, second = model.execute([live, cancelled])
+    assert first.outputs()["TEXT_OUTPUT"].tolist() == [[full[len("one") :].encode()]]
+    assert first.outputs()["STEP_INDEX"].tolist() == [[9]] and first.outputs()["NUM_OUTPUT_TOKENS"].tolist() == [[2]]
+    assert not second.has_error()  # an error here would leave Triton 2.51's ensemble waiting forever
+    (order,) = pb.InferenceRequest.executed
+    assert order.model_name == "diffusion_denoise" and order.request_id == "vdiff-7"
+    assert [t.name() for t in order.inputs] == ["stop"]

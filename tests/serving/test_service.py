@@ -1,0 +1,134 @@
+"""DenoiseService with a real engine and in-process sinks: what the denoiser model sends, without Triton."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from vdiff import LLM, SamplingParams
+from vdiff.backend.detokenize import text_delta
+from vdiff.backend.inputs import StreamOptions
+from vdiff.backend.service import DenoiseService, ErrorKind, ServiceError, Update
+from vdiff.config import EngineConfig
+from vdiff.engine import Engine
+from vdiff.tokenizer import Tokenizer
+
+
+@dataclass
+class Collector:
+    """A Sink that keeps everything and can be cancelled."""
+
+    updates: list[tuple[Update, bool]] = field(default_factory=list)
+    errors: list[tuple[ErrorKind, str]] = field(default_factory=list)
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def send(self, update: Update, final: bool) -> None:
+        self.updates.append((update, final))
+        if final:
+            self.done.set()
+
+    def fail(self, kind: ErrorKind, message: str) -> None:
+        self.errors.append((kind, message))
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+    def text(self, tokenizer: Tokenizer) -> str:
+        return "".join(
+            u.prompt_text + text_delta(tokenizer, u.token_ids, u.text_offset, u.text_end) for u, _ in self.updates
+        )
+
+
+@pytest.fixture
+def service(tiny_llada: Path) -> DenoiseService:
+    engine = Engine(EngineConfig(model=str(tiny_llada), max_num_seqs=2))
+    service = DenoiseService(engine, max_queue_size=1)
+    service.start()
+    yield service
+    service.shutdown(timeout=30)
+
+
+def submit(service: DenoiseService, prompt: str, stream: bool = True, echo: bool = False, **params: object):
+    sink = Collector()
+    ids = service.engine.tokenizer.encode(prompt)
+    service.submit("client-id", ids, prompt, SamplingParams(**params), StreamOptions(stream, echo), sink)
+    return sink
+
+
+def test_streamed_deltas_rebuild_the_offline_text(service: DenoiseService, llada_llm: LLM) -> None:
+    sink = submit(service, "hello there", max_tokens=40)
+    assert sink.done.wait(60)
+    expected = llada_llm.generate("hello there", SamplingParams(max_tokens=40))[0]
+    assert sink.text(service.engine.tokenizer) == expected.text
+    assert sum(u.new_tokens for u, _ in sink.updates) == len(expected.token_ids)
+    assert [final for _, final in sink.updates] == [False] * (len(sink.updates) - 1) + [True]
+    assert sink.updates[-1][0].finish_reason == expected.finish_reason
+
+
+def test_without_stream_exactly_one_response_carries_everything(service: DenoiseService, llada_llm: LLM) -> None:
+    sink = submit(service, "hello", stream=False, echo=True, max_tokens=24)
+    assert sink.done.wait(60)
+    expected = llada_llm.generate("hello", SamplingParams(max_tokens=24))[0]
+    assert len(sink.updates) == 1 and sink.updates[0][1]
+    assert sink.text(service.engine.tokenizer) == "hello" + expected.text
+
+
+def test_capacity_is_running_plus_queue(service: DenoiseService) -> None:
+    long = {"max_tokens": 400, "ignore_eos": True}
+    sinks = [submit(service, f"fill {i}", **long) for i in range(3)]  # max_num_seqs 2 + max_queue_size 1
+    with pytest.raises(ServiceError) as refused:
+        submit(service, "one more", max_tokens=4)
+    assert refused.value.kind is ErrorKind.UNAVAILABLE and "at capacity (3 requests in flight" in str(refused.value)
+    for sink in sinks:
+        sink.cancelled = True
+    for sink in sinks:
+        assert sink.done.wait(30)
+        assert sink.errors == [(ErrorKind.CANCELLED, "the request was cancelled")]
+    assert service.in_flight == 0
+
+
+def test_stop_by_client_id_ends_the_stream_with_abort(service: DenoiseService) -> None:
+    sink = submit(service, "stop me", max_tokens=400, ignore_eos=True)
+    service.stop("client-id")
+    assert sink.done.wait(30)
+    assert sink.updates[-1] == (sink.updates[-1][0], True) and sink.updates[-1][0].finish_reason == "abort"
+
+
+def test_engine_refusals_come_back_as_invalid_arg_and_free_the_slot(service: DenoiseService) -> None:
+    sink = submit(service, "x", max_tokens=100000)
+    assert sink.done.wait(30)
+    assert sink.errors[0][0] is ErrorKind.INVALID_ARG and "max_sequence_length" in sink.errors[0][1]
+    assert service.in_flight == 0
+
+
+def test_shutdown_lets_running_requests_finish_and_refuses_new_ones(tiny_llada: Path) -> None:
+    service = DenoiseService(Engine(EngineConfig(model=str(tiny_llada))), max_queue_size=4)
+    service.start()
+    sink = submit(service, "finish me", max_tokens=64, ignore_eos=True)
+    service.shutdown(timeout=60)
+    assert sink.updates[-1][0].finish_reason == "length" and sink.updates[-1][1]
+    with pytest.raises(ServiceError, match="shutting down"):
+        submit(service, "too late", max_tokens=4)
+
+
+def test_text_deltas_never_split_a_character(tiny_llada: Path) -> None:
+    """With the engine's rule (hold back a trailing U+FFFD), deltas rebuild multi-byte text exactly."""
+    tokenizer = Tokenizer.load(tiny_llada)
+    text = "naïve café — 日本語 ✓ done"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text.split())  # the tiny BPE splits these characters into byte pieces
+    sent, pieces = 0, []
+    for k in range(1, len(ids) + 1):
+        final = k == len(ids)
+        decoded = tokenizer.decode(ids[:k])
+        settled = len(decoded if final else decoded.rstrip("\ufffd"))
+        piece = text_delta(tokenizer, ids[:k], sent, settled)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+        sent = max(sent, settled)
+    assert "".join(pieces) == text
