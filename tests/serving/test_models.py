@@ -59,14 +59,9 @@ def test_denoiser_streams_tensors_and_ends_with_final(tiny_llada: Path, monkeypa
     model = load_model("diffusion_denoise", tiny_llada, monkeypatch)
     ids = Tokenizer.load(tiny_llada).encode("hello")
     try:
-        request = pb.Request(
-            {
-                "input_ids": np.array([ids], dtype=np.int32),
-                "max_tokens": scalar(16, np.int32),
-                "stream": scalar(True, bool),
-            }
-        )
-        bad = pb.Request({"input_ids": np.array([ids], dtype=np.int32), "top_p": scalar(0.0, np.float32)})
+        prompt = np.array([ids], dtype=np.int32)
+        request = pb.Request({"input_ids": prompt, "max_tokens": scalar(16, np.int32), "stream": scalar(True, bool)})
+        bad = pb.Request({"input_ids": prompt, "top_p": scalar(0.0, np.float32)})
         stop_without_id = pb.Request({"stop": scalar(True, bool)})
         assert model.execute([request, bad, stop_without_id]) is None
         assert request.sender.closed.wait(60)
