@@ -1,0 +1,228 @@
+"""perf_analyzer against the `vdiff` ensemble: gRPC streaming at 1, 4 and 16 concurrent requests.
+
+    python perf/bench_triton.py [--model vdiff-tiny] [--mixes short-16 short-64 long-32] [--concurrency 1 4 16]
+                                [--out perf/results/triton_cpu_vdiff-tiny.json]
+
+Starts tritonserver on the model repository (free loopback ports, one denoiser instance with
+max_num_seqs 16), writes perf_analyzer input data for each prompt/length mix (ignore_eos, so each
+request generates exactly max_tokens), and runs `perf_analyzer -m vdiff -i grpc --streaming` once
+per mix and concurrency. perf_analyzer's latency is the time to the first response (TTFT); tokens/s
+is requests/s x max_tokens. The denoiser's own counters, read before and after each run, add
+tokens per forward evaluation and the mean denoising-step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess
+from vdiff.serve.repository import render_repository
+from vdiff.serve.tritonserver import find_tritonserver
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "every",
+    "box",
+]
+
+
+@dataclass(frozen=True)
+class Mix:
+    name: str
+    prompt_words: tuple[int, int]  # prompt length range, in words
+    max_tokens: int
+
+
+MIXES = {
+    "short-16": Mix("short-16", (2, 8), 16),
+    "short-64": Mix("short-64", (2, 8), 64),
+    "long-32": Mix("long-32", (60, 90), 32),
+}
+COUNTERS = (
+    "vdiff:generation_tokens_total",
+    "vdiff:nfe_total",
+    "vdiff:denoising_step_seconds_sum",
+    "vdiff:denoising_step_seconds_count",
+)
+
+
+def input_data(mix: Mix, path: Path, count: int = 32, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = [
+        {
+            "text_input": [" ".join(rng.choices(WORDS, k=rng.randint(*mix.prompt_words)))],
+            "max_tokens": [mix.max_tokens],
+            "ignore_eos": [True],
+            "stream": [True],
+        }
+        for _ in range(count)
+    ]
+    path.write_text(json.dumps({"data": rows}))
+    return path
+
+
+def perf_analyzer_env() -> dict[str, str]:
+    """perf_analyzer from the tritonclient wheel links libcudart.so.12, even against a CPU server."""
+    env = dict(os.environ)
+    try:
+        import nvidia.cuda_runtime
+
+        lib = Path(next(iter(nvidia.cuda_runtime.__path__))) / "lib"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH", "")]))
+    except ImportError:
+        pass
+    return env
+
+
+def run_perf_analyzer(grpc: str, data: Path, concurrency: int, requests: int, csv_path: Path) -> dict[str, float]:
+    binary = shutil.which("perf_analyzer") or str(Path(sys.executable).parent / "perf_analyzer")
+    command = [
+        binary, "-m", "vdiff", "-i", "grpc", "--streaming", "-u", grpc,
+        "--input-data", str(data), "--shape", "text_input:1",
+        f"--concurrency-range={concurrency}:{concurrency}",
+        "--measurement-mode", "count_windows", f"--measurement-request-count={requests}",
+        "-s", "30", "-r", "8", "-f", str(csv_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=900)
+    if done.returncode != 0 or not csv_path.exists():
+        raise RuntimeError(f"perf_analyzer failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
+    with csv_path.open() as handle:
+        row = next(csv.DictReader(handle))
+    return {key: float(value) for key, value in row.items()}
+
+
+def read_counters(metrics_url: str) -> dict[str, float]:
+    values = dict.fromkeys(COUNTERS, 0.0)
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            name = line.split("{", 1)[0]
+            if name in values:
+                values[name] += float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def measure(mix: Mix, concurrency: int, server: ServerAddress, data: Path, requests: int, work: Path) -> dict[str, Any]:
+    metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    before = read_counters(metrics_url)
+    row = run_perf_analyzer(f"127.0.0.1:{server.grpc_port}", data, concurrency, requests, work / "perf.csv")
+    after = read_counters(metrics_url)
+    delta = {name: after[name] - before[name] for name in COUNTERS}
+    nfe, steps = delta["vdiff:nfe_total"], delta["vdiff:denoising_step_seconds_count"]
+    return {
+        "mix": mix.name,
+        "max_tokens": mix.max_tokens,
+        "concurrency": concurrency,
+        "requests_per_s": row["Inferences/Second"],
+        "responses_per_s": row["Response Throughput"],
+        "tokens_per_s": row["Inferences/Second"] * mix.max_tokens,
+        "ttft_ms": {p: row[f"{p} latency"] / 1000 for p in ("p50", "p90", "p99")},
+        "tokens_per_nfe": delta["vdiff:generation_tokens_total"] / nfe if nfe else None,
+        "engine_steps": int(steps),
+        "mean_step_ms": 1000 * delta["vdiff:denoising_step_seconds_sum"] / steps if steps else None,
+    }
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_server(model: str, work: Path, max_num_seqs: int) -> TritonProcess:
+    parameters = {"model": model, "max_num_seqs": str(max_num_seqs), "max_queue_size": "64"}
+    repository = render_repository(work / "model_repository", parameters)
+    address = ServerAddress("127.0.0.1", *free_ports(3))
+    server = TritonProcess(find_tritonserver(), LaunchConfig(repository, work, address), echo=None)
+    if not server.wait_ready(sys.stderr):
+        server.stop()
+        raise RuntimeError(f"tritonserver did not start:\n{server.last_lines()}")
+    return server
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| mix | concurrency | req/s | tokens/s | responses/s | TTFT p50 ms | TTFT p99 ms | tokens/NFE | step ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        per_nfe = f"{r['tokens_per_nfe']:.2f}" if r["tokens_per_nfe"] else "-"
+        lines.append(
+            f"| {r['mix']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['responses_per_s']:.1f} | {r['ttft_ms']['p50']:.0f} | {r['ttft_ms']['p99']:.0f} | {per_nfe} | "
+            f"{r['mean_step_ms'] or 0:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vdiff-tiny")
+    parser.add_argument("--mixes", nargs="+", default=list(MIXES), choices=list(MIXES))
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--requests", type=int, default=60, help="requests per measurement window")
+    parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or Path("perf/results") / f"triton_cpu_{Path(args.model).name}.json"
+    results = []
+    with tempfile.TemporaryDirectory(prefix="vdiff-bench-") as tmp:
+        work = Path(tmp)
+        server = start_server(args.model, work, args.max_num_seqs)
+        try:
+            for mix in (MIXES[name] for name in args.mixes):
+                data = input_data(mix, work / f"{mix.name}.json")
+                for concurrency in args.concurrency:
+                    result = measure(mix, concurrency, server.config.address, data, args.requests, work)
+                    results.append(result)
+                    print(markdown([result]).splitlines()[-1], flush=True)
+        finally:
+            server.stop()
+            server.wait(120)
+    report = {
+        "command": "python perf/bench_triton.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "model": args.model,
+        "max_num_seqs": args.max_num_seqs,
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(results) + "\n")
+    print(f"\n{markdown(results)}\n\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
