@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from make_tiny_model import make_tiny_model, parse_args  # noqa: E402
+from triton_harness import MAX_NUM_SEQS, MAX_QUEUE_SIZE, Server, start_server  # noqa: E402
 from vdiff import LLM  # noqa: E402
 
 
@@ -72,3 +74,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_llada: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real tritonserver serving the model repository with the tiny LLaDA checkpoint."""
+    process = start_server(
+        tiny_llada,
+        tmp_path_factory.mktemp("triton"),
+        max_num_seqs=str(MAX_NUM_SEQS),
+        max_queue_size=str(MAX_QUEUE_SIZE),
+    )
+    yield Server(process.config.address, process)
+    process.stop()
+    process.wait(60)

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from clients import http_post, read_metric
 
-from conftest import free_ports
+from clients import http_post, read_metric
+from triton_harness import free_ports
 
 
 class ServeProcess:
@@ -80,3 +80,15 @@ def test_serve_exits_nonzero_with_the_server_log_when_tritonserver_dies(tmp_path
     assert code != 0
     assert "tritonserver exited with code" in output
     assert str(missing) in output  # the model's load error, from the server's last log lines
+
+
+def test_triton_env_prepares_a_backend_directory(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "vdiff.serve.cli", "triton-env", str(tmp_path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    backend = tmp_path / "backends" / "python"
+    assert (backend / "triton_python_backend_stub").is_file() and (backend / "libtriton_python.so").is_file()
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("export LD_LIBRARY_PATH=") and lines[1].startswith("export PATH=")
+    assert f"--backend-directory {tmp_path / 'backends'}" in lines[2]

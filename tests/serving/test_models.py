@@ -10,9 +10,9 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import pb_utils_standin as pb
 import pytest
 
+import pb_utils_standin as pb
 from vdiff.backend.service import Update
 from vdiff.backend.tensors import denoiser_outputs
 from vdiff.serve.repository import SOURCE, read_parameters

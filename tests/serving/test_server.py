@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from clients import Stream, http_post, read_metric, sse_events, stream_infer
 
-from conftest import MAX_NUM_SEQS, MAX_QUEUE_SIZE, Server
+from clients import Stream, http_post, read_metric, sse_events, stream_infer
+from triton_harness import MAX_NUM_SEQS, MAX_QUEUE_SIZE, Server
 from vdiff import LLM, SamplingParams
 
 PROMPTS = ["hello world", "the quick brown fox", "a", "twelve tokens or so of prompt text here"]

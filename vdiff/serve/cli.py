@@ -6,6 +6,7 @@ vdiff serve [--model PATH|NAME] [--triton-http-port 8100] [--triton-grpc-port 81
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import sys
 import tempfile
@@ -14,7 +15,7 @@ from pathlib import Path
 from vdiff.assets import DEFAULT_MODEL
 from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess, supervise
 from vdiff.serve.repository import render_repository
-from vdiff.serve.tritonserver import TritonNotFoundError, find_tritonserver
+from vdiff.serve.tritonserver import TritonNotFoundError, find_tritonserver, server_environment
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,13 +85,33 @@ def serve(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def triton_env(args: argparse.Namespace) -> int:
+    """Shell lines that run the committed repository on this machine's tritonserver."""
+    try:
+        installation = find_tritonserver()
+    except TritonNotFoundError as error:
+        print(f"vdiff triton-env: {error}", file=sys.stderr)
+        return 2
+    backends = installation.backend_directory(args.dir.resolve())
+    env = server_environment(installation)
+    print(f"export LD_LIBRARY_PATH={shlex.quote(env['LD_LIBRARY_PATH'])}")
+    print(f"export PATH={shlex.quote(env['PATH'])}")
+    print(f"# {installation.binary} --model-repository model_repository --backend-directory {backends}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vdiff", description="Serve masked-diffusion language models.")
     commands = parser.add_subparsers(dest="command", required=True)
     serve_parser = commands.add_parser("serve", help="run the Triton model repository for a model")
     add_serve_arguments(serve_parser)
+    serve_parser.set_defaults(run=serve)
+    env_parser = commands.add_parser("triton-env", help="prepare a backend directory; print the environment")
+    env_parser.add_argument("dir", type=Path, help="where to assemble backends/ (the Python backend and its stub)")
+    env_parser.set_defaults(run=triton_env)
     args = parser.parse_args(argv)
-    return serve(args)
+    code: int = args.run(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""A real tritonserver for the whole session, serving the repository with a tiny LLaDA checkpoint."""
+"""Starting a real tritonserver on the rendered repository, for the serving tests.
+
+The session fixture that uses it (`triton_server`) lives in tests/conftest.py: a second conftest.py
+under tests/serving would replace this one's `conftest` module for the tests that import it.
+"""
 
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,16 +60,3 @@ def start_server(model: Path, workdir: Path, **parameters: str) -> TritonProcess
         server.wait(30)
         pytest.fail(f"tritonserver did not become ready:\n{server.last_lines()}")
     return server
-
-
-@pytest.fixture(scope="session")
-def triton_server(tiny_llada: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    process = start_server(
-        tiny_llada,
-        tmp_path_factory.mktemp("triton"),
-        max_num_seqs=str(MAX_NUM_SEQS),
-        max_queue_size=str(MAX_QUEUE_SIZE),
-    )
-    yield Server(process.config.address, process)
-    process.stop()
-    process.wait(60)
