@@ -8,7 +8,10 @@ max_num_seqs 16), writes perf_analyzer input data for each prompt/length mix (ig
 request generates exactly max_tokens), and runs `perf_analyzer -m vdiff -i grpc --streaming` once
 per mix and concurrency. perf_analyzer's latency is the time to the first response (TTFT); tokens/s
 is requests/s x max_tokens. The denoiser's own counters, read before and after each run, add
-tokens per forward evaluation and the mean denoising-step time.
+tokens per forward evaluation and the mean denoising-step time. Right after each perf_analyzer run
+the same requests go through an in-process `Engine` at the same concurrency (the server idle), so
+`serving_ratio` = tokens/s through Triton / tokens/s of the bare engine loop is measured side by
+side: what the serving path costs.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vdiff import Engine, EngineConfig, SamplingParams
 from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess
 from vdiff.serve.repository import render_repository
 from vdiff.serve.tritonserver import find_tritonserver
@@ -150,6 +154,32 @@ def measure(mix: Mix, concurrency: int, server: ServerAddress, data: Path, reque
     }
 
 
+def engine_baseline(engine: Engine, prompts: list[str], mix: Mix, concurrency: int, requests: int) -> dict[str, float]:
+    """The same closed loop as perf_analyzer's (`concurrency` requests in flight), on the bare engine."""
+    params = SamplingParams(max_tokens=mix.max_tokens, ignore_eos=True)
+    arrived: dict[str, float] = {}
+    first: list[float] = []
+    submitted = finished = 0
+    warmup = concurrency  # the first `concurrency` requests warm up, as perf_analyzer's first window does
+    started = time.perf_counter()
+    while finished < requests + warmup:
+        while len(arrived) < concurrency and submitted < requests + warmup:
+            request_id = engine.add_request(prompts[submitted % len(prompts)], params)
+            arrived[request_id] = time.perf_counter()
+            submitted += 1
+        for output in engine.step():
+            if output.new_token_ids and len(output.token_ids) == len(output.new_token_ids):
+                first.append(time.perf_counter() - arrived[output.request_id])
+            if output.finished:
+                del arrived[output.request_id]
+                finished += 1
+                if finished == warmup:
+                    started = time.perf_counter()
+    requests_per_s = requests / (time.perf_counter() - started)
+    return {"requests_per_s": requests_per_s, "tokens_per_s": requests_per_s * mix.max_tokens,
+            "ttft_p50_ms": 1000 * sorted(first)[len(first) // 2]}  # fmt: skip
+
+
 def free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
@@ -160,8 +190,13 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_server(model: str, work: Path, max_num_seqs: int) -> TritonProcess:
-    parameters = {"model": model, "max_num_seqs": str(max_num_seqs), "max_queue_size": "64"}
+def start_server(model: str, work: Path, max_num_seqs: int, torch_threads: int) -> TritonProcess:
+    parameters = {
+        "model": model,
+        "max_num_seqs": str(max_num_seqs),
+        "max_queue_size": "64",
+        "torch_num_threads": str(torch_threads),
+    }
     repository = render_repository(work / "model_repository", parameters)
     address = ServerAddress("127.0.0.1", *free_ports(3))
     server = TritonProcess(find_tritonserver(), LaunchConfig(repository, work, address), echo=None)
@@ -173,15 +208,16 @@ def start_server(model: str, work: Path, max_num_seqs: int) -> TritonProcess:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| mix | concurrency | req/s | tokens/s | responses/s | TTFT p50 ms | TTFT p99 ms | tokens/NFE | step ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| mix | concurrency | req/s | tokens/s | responses/s | TTFT p50 ms | TTFT p99 ms | tokens/NFE | step ms "
+        "| engine tokens/s | Triton / engine |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         per_nfe = f"{r['tokens_per_nfe']:.2f}" if r["tokens_per_nfe"] else "-"
         lines.append(
             f"| {r['mix']} | {r['concurrency']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['responses_per_s']:.1f} | {r['ttft_ms']['p50']:.0f} | {r['ttft_ms']['p99']:.0f} | {per_nfe} | "
-            f"{r['mean_step_ms'] or 0:.1f} |"
+            f"{r['mean_step_ms'] or 0:.1f} | {r['engine']['tokens_per_s']:.0f} | {r['serving_ratio']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -193,18 +229,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=60, help="requests per measurement window")
     parser.add_argument("--max-num-seqs", type=int, default=16)
+    parser.add_argument("--torch-num-threads", type=int, default=0, help="the denoiser's (0: one per core)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path("perf/results") / f"triton_cpu_{Path(args.model).name}.json"
     results = []
     with tempfile.TemporaryDirectory(prefix="vdiff-bench-") as tmp:
         work = Path(tmp)
-        server = start_server(args.model, work, args.max_num_seqs)
+        server = start_server(args.model, work, args.max_num_seqs, args.torch_num_threads)
+        engine = Engine(EngineConfig(model=args.model, max_num_seqs=args.max_num_seqs))
         try:
             for mix in (MIXES[name] for name in args.mixes):
                 data = input_data(mix, work / f"{mix.name}.json")
+                prompts = [row["text_input"][0] for row in json.loads(data.read_text())["data"]]
                 for concurrency in args.concurrency:
                     result = measure(mix, concurrency, server.config.address, data, args.requests, work)
+                    result["engine"] = engine_baseline(engine, prompts, mix, concurrency, args.requests)
+                    result["serving_ratio"] = result["tokens_per_s"] / result["engine"]["tokens_per_s"]
                     results.append(result)
                     print(markdown([result]).splitlines()[-1], flush=True)
         finally:
