@@ -50,7 +50,7 @@ class Server:
 
 
 def start_server(model: Path, workdir: Path, **parameters: str) -> TritonProcess:
-    settings = {"model": str(model), "torch_num_threads": "1"} | parameters
+    settings = {"model": str(model), "torch_num_threads": "1", "shutdown_timeout_s": "10"} | parameters
     repository = render_repository(workdir / "model_repository", settings)
     address = ServerAddress("127.0.0.1", *free_ports(3))
     config = LaunchConfig(repository, workdir, address, exit_timeout_s=10, startup_timeout_s=180)

@@ -110,7 +110,7 @@ def test_cancelling_an_ensemble_stream_frees_its_slot(triton_server: Server) -> 
     stream.send("vdiff", {"text_input": "cancel me"} | LONG)
     outputs, final, error = stream.next_response()
     assert error is None and not final
-    assert running(triton_server) == 1
+    wait_for(lambda: running(triton_server) == 1, timeout=2.0)  # metrics reach Triton every 0.25 s
     stream.cancel()
     assert wait_for(lambda: running(triton_server) == 0, timeout=1.0) < 1.0
 
@@ -119,7 +119,7 @@ def test_cancelling_a_direct_denoiser_stream_frees_its_slot(triton_server: Serve
     stream = Stream(triton_server.grpc)
     stream.send("diffusion_denoise", {"input_ids": llada_llm.tokenizer.encode("cancel me too")} | LONG)
     assert stream.next_response()[2] is None
-    assert running(triton_server) == 1
+    wait_for(lambda: running(triton_server) == 1, timeout=2.0)  # metrics reach Triton every 0.25 s
     stream.cancel()
     assert wait_for(lambda: running(triton_server) == 0, timeout=1.0) < 1.0
 
@@ -143,8 +143,7 @@ def test_requests_past_capacity_are_refused_at_once(triton_server: Server) -> No
         for i, stream in enumerate(streams):
             stream.send("vdiff", {"text_input": f"fill {i}"} | LONG, request_id=f"fill-{i}")
         # separate connections arrive in any order: wait until all of them are in the engine
-        wait_for(lambda: waiting(triton_server) == MAX_QUEUE_SIZE, timeout=10.0)
-        assert running(triton_server) == MAX_NUM_SEQS
+        wait_for(lambda: (running(triton_server), waiting(triton_server)) == (MAX_NUM_SEQS, MAX_QUEUE_SIZE), 10.0)
         refused = stream_infer(triton_server.grpc, {"text_input": "one more", "max_tokens": 8})
         # The model answers UNAVAILABLE, but Triton 2.51 passes on only the message: gRPC streaming
         # has no status field, and /generate turns every model error into HTTP 400 (/infer would
@@ -200,8 +199,8 @@ def test_server_still_serves_after_every_failure(triton_server: Server, llada_ll
 def test_custom_metrics_are_exported(triton_server: Server) -> None:
     before = read_metric(triton_server.metrics, "vdiff:generation_tokens_total")
     stream_infer(triton_server.grpc, {"text_input": "count me", "max_tokens": 16})
-    after = read_metric(triton_server.metrics, "vdiff:generation_tokens_total")
-    assert after - before == 16
+    tokens = "vdiff:generation_tokens_total"
+    wait_for(lambda: read_metric(triton_server.metrics, tokens) - before == 16, timeout=2.0)  # flushed every 0.25 s
     for name in (
         "vdiff:nfe_total",
         "vdiff:prompt_tokens_total",

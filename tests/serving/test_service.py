@@ -132,3 +132,20 @@ def test_text_deltas_never_split_a_character(tiny_llada: Path) -> None:
         pieces.append(piece)
         sent = max(sent, settled)
     assert "".join(pieces) == text
+
+
+def test_a_broken_sender_ends_only_its_own_request(service: DenoiseService, llada_llm: LLM) -> None:
+    class Broken(Collector):
+        def send(self, update: Update, final: bool) -> None:
+            raise RuntimeError("the client's stream is gone")
+
+    broken, neighbour = Broken(), Collector()
+    ids = service.engine.tokenizer.encode("x")
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    service.submit("", ids, "", params, StreamOptions(stream=True), broken)
+    service.submit("", ids, "", params, StreamOptions(stream=True), neighbour)
+    assert neighbour.done.wait(30)
+    assert neighbour.errors == [] and neighbour.updates[-1][0].finish_reason == "length"
+    expected = llada_llm.generate("x", params)[0]
+    assert neighbour.text(service.engine.tokenizer) == expected.text
+    assert service.in_flight == 0

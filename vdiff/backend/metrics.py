@@ -6,6 +6,7 @@ carry over; they appear on Triton's metrics port next to its own `nv_inference_*
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +15,10 @@ TOKENS_PER_NFE_BUCKETS = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32
 
 
 class ServiceMetrics:
-    """What the service reports; this base records nothing (the service runs without Triton too)."""
+    """What the service reports; this base records nothing (the service runs without Triton too).
+
+    The engine thread calls the recording methods; the responder thread calls `flush`.
+    """
 
     def queue(self, running: int, waiting: int) -> None:
         pass
@@ -31,9 +35,16 @@ class ServiceMetrics:
     def finished(self, prompt_tokens: int, nfe: int, generated: int, seconds: float) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
 
 class TritonMetrics(ServiceMetrics):
-    """The same reports as Triton metric families, labelled with the model name and version."""
+    """The same reports as Triton metric families, labelled with the model name and version.
+
+    Each metric update is a call across processes, so reports are kept here and handed to Triton by
+    `flush()` on the responder thread, a few times a second.
+    """
 
     def __init__(self, pb_utils: Any, labels: Mapping[str, str]) -> None:
         family = pb_utils.MetricFamily
@@ -69,22 +80,48 @@ class TritonMetrics(ServiceMetrics):
         )
         self.e2e = make("vdiff:e2e_request_latency_seconds", "Arrival to the last response", histogram, LATENCY_BUCKETS)
 
+        self._lock = threading.Lock()
+        self._gauges: dict[Any, float] = {}  # metric -> latest value, until flushed
+        self._counts: dict[Any, float] = {}  # counter -> increment, until flushed
+        self._observed: list[tuple[Any, float]] = []  # (histogram, value), until flushed
+
     def queue(self, running: int, waiting: int) -> None:
-        self.running.set(running)
-        self.waiting.set(waiting)
+        with self._lock:
+            self._gauges[self.running] = running
+            self._gauges[self.waiting] = waiting
 
     def step(self, seconds: float) -> None:
-        self.step_latency.observe(seconds)
+        self._observe(self.step_latency, seconds)
 
     def first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
+        self._observe(self.ttft, seconds)
 
     def tokens(self, generated: int) -> None:
-        self.generation_tokens.increment(generated)
+        self._count(self.generation_tokens, generated)
 
     def finished(self, prompt_tokens: int, nfe: int, generated: int, seconds: float) -> None:
-        self.prompt_tokens.increment(prompt_tokens)
-        self.nfe.increment(nfe)
+        self._count(self.prompt_tokens, prompt_tokens)
+        self._count(self.nfe, nfe)
         if nfe:
-            self.tokens_per_nfe.observe(generated / nfe)
-        self.e2e.observe(seconds)
+            self._observe(self.tokens_per_nfe, generated / nfe)
+        self._observe(self.e2e, seconds)
+
+    def flush(self) -> None:
+        with self._lock:
+            gauges, self._gauges = self._gauges, {}
+            counts, self._counts = self._counts, {}
+            observed, self._observed = self._observed, []
+        for gauge, value in gauges.items():
+            gauge.set(value)
+        for counter, value in counts.items():
+            counter.increment(value)
+        for histogram, value in observed:
+            histogram.observe(value)
+
+    def _count(self, counter: Any, value: float) -> None:
+        with self._lock:
+            self._counts[counter] = self._counts.get(counter, 0.0) + value
+
+    def _observe(self, histogram: Any, value: float) -> None:
+        with self._lock:
+            self._observed.append((histogram, value))

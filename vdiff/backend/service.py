@@ -1,9 +1,10 @@
 """The denoising service: one Engine on a background thread, fed by Triton's execute().
 
 `submit()` only checks capacity and enqueues, so execute() returns at once and Triton keeps handing
-over requests. The engine thread loops: take new requests and stop orders, drop cancelled
-requests, run one engine step for every running request (continuous batching), and send each
-request its news. Capacity is `max_num_seqs` running plus `max_queue_size` waiting; past it
+over requests. The engine thread loops: take new requests, stop orders and cancellations, run one
+engine step for every running request (continuous batching), and hand each request's news to the
+Responder, whose thread does the sending and the cancellation polling (Triton's calls block on
+IPC; see responder.py). Capacity is `max_num_seqs` running plus `max_queue_size` waiting; past it
 `submit` raises UNAVAILABLE at once, because the queue of a model whose execute() hands work to a
 thread never fills (Triton's own max_queue_size cannot act).
 """
@@ -21,11 +22,14 @@ from typing import Protocol
 
 from vdiff.backend.inputs import StreamOptions, name_inputs
 from vdiff.backend.metrics import ServiceMetrics
+from vdiff.backend.responder import Responder
 from vdiff.engine import Engine
 from vdiff.outputs import RequestOutput
 from vdiff.sampling_params import SamplingParams
 
 logger = logging.getLogger("vdiff.backend")
+
+ABANDON_GRACE_S = 5.0
 
 
 class ErrorKind(enum.Enum):
@@ -80,7 +84,8 @@ class Stream:
     sent_tokens: int = 0
     first_token_at: float | None = None
     echoed: bool = False
-    cancelled: bool = False
+    cancelled: bool = False  # the client went away: end with CANCELLED
+    broken: bool = False  # its sender failed: end without another response
 
 
 class DenoiseService:
@@ -97,8 +102,14 @@ class DenoiseService:
         self._closing = threading.Event()
         self._keys = itertools.count()
         self._thread = threading.Thread(target=self._run, name="vdiff-engine", daemon=True)
+        self._responder = Responder(
+            on_cancelled=lambda key: self._inbox.put(("cancel", key)),
+            on_broken=lambda key: self._inbox.put(("broken", key)),
+            metrics=self.metrics,
+        )
 
     def start(self) -> None:
+        self._responder.start()
         self._thread.start()
 
     @property
@@ -135,27 +146,35 @@ class DenoiseService:
         self._inbox.put(("stop", request_id))
 
     def shutdown(self, timeout: float) -> None:
-        """Refuse new requests, let running ones finish for up to `timeout` seconds, end the rest."""
+        """Refuse new requests, let running ones finish for up to `timeout` seconds, end the rest.
+
+        Bounded: past the timeout the remaining requests get an error, and the threads (daemons)
+        get a few seconds to hand it over; a server that no longer reads cannot hold unloading up.
+        """
         self._closing.set()
         self._inbox.put(("wake", None))
         self._thread.join(timeout)
         if self._thread.is_alive():
             self._inbox.put(("abandon", None))
-            self._thread.join()
+            self._thread.join(ABANDON_GRACE_S)
+        self._responder.stop(ABANDON_GRACE_S)
 
     # -- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         abandon = False
         while True:
-            abandon |= self._take_messages(block=not self.engine.has_unfinished())
-            if abandon:
-                self._end_all(ErrorKind.UNAVAILABLE, "the server shut down before the request finished")
-            if self._closing.is_set() and not self._streams and self._inbox.empty():
-                return
-            self._drop_cancelled()
-            if self.engine.has_unfinished():
-                self._step()
+            try:
+                abandon |= self._take_messages(block=not self.engine.has_unfinished())
+                if abandon:
+                    self._end_all(ErrorKind.UNAVAILABLE, "the server shut down before the request finished")
+                if self._closing.is_set() and not self._streams and self._inbox.empty():
+                    return
+                if self.engine.has_unfinished():
+                    self._step()
+            except Exception:  # the thread must outlive any one failure, or every later request hangs
+                logger.exception("denoising service failed; ending every request in flight")
+                self._end_all(ErrorKind.INTERNAL, "the denoising service failed (see the server log)")
 
     def _take_messages(self, block: bool) -> bool:
         """Apply queued adds and stops; True when told to abandon the remaining requests."""
@@ -167,9 +186,9 @@ class DenoiseService:
                 if kind == "add":
                     assert isinstance(item, Stream)
                     self._add(item)
-                elif kind == "stop":
+                elif kind in ("stop", "cancel", "broken"):
                     assert isinstance(item, str)
-                    self._stop(item)
+                    {"stop": self._stop, "cancel": self._cancel, "broken": self._drop_broken}[kind](item)
                 abandon |= kind == "abandon"
                 message = self._inbox.get_nowait()
         except queue.Empty:
@@ -179,22 +198,36 @@ class DenoiseService:
         try:
             self.engine.add_request(stream.prompt_ids, stream.params, request_id=stream.key)
         except ValueError as error:
-            self._release(stream)
-            stream.sink.fail(ErrorKind.INVALID_ARG, name_inputs(str(error)))
+            self._refuse(stream, ErrorKind.INVALID_ARG, name_inputs(str(error)))
+            return
+        except Exception:
+            logger.exception("could not add request %s", stream.key)
+            self._refuse(stream, ErrorKind.INTERNAL, "the engine could not take the request (see the server log)")
             return
         self._streams[stream.key] = stream
+        self._responder.watch(stream.key, stream.sink)
         self._report_queue()
+
+    def _refuse(self, stream: Stream, kind: ErrorKind, message: str) -> None:
+        self._release(stream)
+        self._responder.fail(stream.key, stream.sink, (kind, message))
 
     def _stop(self, request_id: str) -> None:
         for stream in list(self._streams.values()):
             if request_id in (stream.key, stream.client_id):
                 self.engine.abort(stream.key)
 
-    def _drop_cancelled(self) -> None:
-        for stream in self._streams.values():
-            if not stream.cancelled and stream.sink.is_cancelled():
-                stream.cancelled = True
-                self.engine.abort(stream.key)
+    def _cancel(self, key: str) -> None:
+        stream = self._streams.get(key)
+        if stream is not None and not stream.cancelled:
+            stream.cancelled = True
+            self.engine.abort(key)
+
+    def _drop_broken(self, key: str) -> None:
+        stream = self._streams.get(key)
+        if stream is not None:
+            stream.broken = True
+            self.engine.abort(key)
 
     def _step(self) -> None:
         computing = bool(self.engine.scheduler.has_unfinished())
@@ -224,12 +257,14 @@ class DenoiseService:
         if output.finished:
             self._release(stream)
             self.metrics.finished(len(stream.prompt_ids), output.nfe, len(output.token_ids), now - stream.arrived)
+        if stream.broken:
+            return
         if stream.cancelled:
             if output.finished:
-                stream.sink.fail(ErrorKind.CANCELLED, "the request was cancelled")
+                self._responder.fail(stream.key, stream.sink, (ErrorKind.CANCELLED, "the request was cancelled"))
             return
         if stream.options.stream or output.finished:
-            stream.sink.send(self._update(stream, output), final=output.finished)
+            self._responder.send(stream.key, stream.sink, self._update(stream, output), output.finished)
 
     def _update(self, stream: Stream, output: RequestOutput) -> Update:
         echo = stream.prompt_text if stream.options.echo and not stream.echoed else ""
@@ -257,7 +292,7 @@ class DenoiseService:
         for stream in list(self._streams.values()):
             self.engine.abort(stream.key)
             self._release(stream)
-            stream.sink.fail(kind, message)
+            self._responder.fail(stream.key, stream.sink, (kind, message))
         self._report_queue()
 
     def _report_queue(self) -> None:
