@@ -196,11 +196,21 @@ def test_server_still_serves_after_every_failure(triton_server: Server, llada_ll
     assert result.text == offline(llada_llm, "still here", max_tokens=12).text
 
 
+def settled_metric(server: Server, name: str) -> float:
+    """A counter once earlier requests' counts have reached Triton (flushed every 0.25 s)."""
+    value = read_metric(server.metrics, name)
+    while True:
+        time.sleep(0.3)
+        value, previous = read_metric(server.metrics, name), value
+        if value == previous:
+            return value
+
+
 def test_custom_metrics_are_exported(triton_server: Server) -> None:
-    before = read_metric(triton_server.metrics, "vdiff:generation_tokens_total")
-    stream_infer(triton_server.grpc, {"text_input": "count me", "max_tokens": 16})
     tokens = "vdiff:generation_tokens_total"
-    wait_for(lambda: read_metric(triton_server.metrics, tokens) - before == 16, timeout=2.0)  # flushed every 0.25 s
+    before = settled_metric(triton_server, tokens)
+    stream_infer(triton_server.grpc, {"text_input": "count me", "max_tokens": 16})
+    wait_for(lambda: read_metric(triton_server.metrics, tokens) - before == 16, timeout=2.0)
     for name in (
         "vdiff:nfe_total",
         "vdiff:prompt_tokens_total",
