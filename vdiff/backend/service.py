@@ -177,7 +177,7 @@ class DenoiseService:
                 self._end_all(ErrorKind.INTERNAL, "the denoising service failed (see the server log)")
 
     def _take_messages(self, block: bool) -> bool:
-        """Apply queued adds and stops; True when told to abandon the remaining requests."""
+        """Apply queued requests, stop orders, cancellations and broken senders; True when told to abandon."""
         abandon = False
         try:
             message = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
