@@ -23,7 +23,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vdiff import Engine, EngineConfig, SamplingParams
-from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess
-from vdiff.serve.repository import render_repository
-from vdiff.serve.tritonserver import find_tritonserver
+from vdiff.serve.launcher import ServerAddress, TritonProcess, start_local
 
 WORDS = [
     "the",
@@ -180,16 +177,6 @@ def engine_baseline(engine: Engine, prompts: list[str], mix: Mix, concurrency: i
             "ttft_p50_ms": 1000 * sorted(first)[len(first) // 2]}  # fmt: skip
 
 
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def start_server(model: str, work: Path, max_num_seqs: int, torch_threads: int) -> TritonProcess:
     parameters = {
         "model": model,
@@ -197,13 +184,7 @@ def start_server(model: str, work: Path, max_num_seqs: int, torch_threads: int) 
         "max_queue_size": "64",
         "torch_num_threads": str(torch_threads),
     }
-    repository = render_repository(work / "model_repository", parameters)
-    address = ServerAddress("127.0.0.1", *free_ports(3))
-    server = TritonProcess(find_tritonserver(), LaunchConfig(repository, work, address), echo=None)
-    if not server.wait_ready(sys.stderr):
-        server.stop()
-        raise RuntimeError(f"tritonserver did not start:\n{server.last_lines()}")
-    return server
+    return start_local(parameters, work, progress=sys.stderr)
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

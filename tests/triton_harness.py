@@ -6,29 +6,15 @@ under tests/serving would replace this one's `conftest` module for the tests tha
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess
-from vdiff.serve.repository import render_repository
-from vdiff.serve.tritonserver import find_tritonserver
+from vdiff.serve.launcher import ServerAddress, TritonProcess, start_local
 
 MAX_NUM_SEQS = 4
 MAX_QUEUE_SIZE = 4  # capacity 8: eight concurrent streams fit, a ninth is refused
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass(frozen=True)
@@ -51,12 +37,7 @@ class Server:
 
 def start_server(model: Path, workdir: Path, **parameters: str) -> TritonProcess:
     settings = {"model": str(model), "torch_num_threads": "1", "shutdown_timeout_s": "10"} | parameters
-    repository = render_repository(workdir / "model_repository", settings)
-    address = ServerAddress("127.0.0.1", *free_ports(3))
-    config = LaunchConfig(repository, workdir, address, exit_timeout_s=10, startup_timeout_s=180)
-    server = TritonProcess(find_tritonserver(), config, echo=None)
-    if not server.wait_ready(None):
-        server.stop()
-        server.wait(30)
-        pytest.fail(f"tritonserver did not become ready:\n{server.last_lines()}")
-    return server
+    try:
+        return start_local(settings, workdir, exit_timeout_s=10, startup_timeout_s=180)
+    except RuntimeError as error:
+        pytest.fail(str(error))

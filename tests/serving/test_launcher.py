@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 
 from clients import http_post, read_metric
-from triton_harness import free_ports
+from vdiff.serve.launcher import free_loopback_address
 
 
 class ServeProcess:
     """`python -m vdiff.serve.cli serve ...` with its output read line by line."""
 
     def __init__(self, *args: str) -> None:
-        self.http, self.grpc, self.metrics = free_ports(3)
+        address = free_loopback_address()
+        self.http, self.grpc, self.metrics = address.http_port, address.grpc_port, address.metrics_port
         command = [sys.executable, "-m", "vdiff.serve.cli", "serve", "--torch-num-threads", "1"]
         command += ["--triton-http-port", str(self.http), "--triton-grpc-port", str(self.grpc)]
         command += ["--triton-metrics-port", str(self.metrics), "--exit-timeout", "20", *args]

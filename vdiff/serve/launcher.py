@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
-from vdiff.serve.tritonserver import TritonInstallation, server_environment
+from vdiff.serve.repository import render_repository
+from vdiff.serve.tritonserver import TritonInstallation, find_tritonserver, server_environment
 
 LOG_TAIL_LINES = 40
 
@@ -127,6 +129,41 @@ class TritonProcess:
 
     def last_lines(self) -> str:
         return "\n".join(self.tail)
+
+
+def free_loopback_address() -> ServerAddress:
+    """Three ports that are free on 127.0.0.1 now (for tests and benchmarks that start their own server)."""
+    sockets = [socket.socket() for _ in range(3)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        http, grpc, metrics = (s.getsockname()[1] for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
+    return ServerAddress("127.0.0.1", http, grpc, metrics)
+
+
+def start_local(
+    parameters: dict[str, str],
+    workdir: Path,
+    progress: TextIO | None = None,
+    exit_timeout_s: int = 30,
+    startup_timeout_s: float = 600.0,
+) -> TritonProcess:
+    """The repository rendered with `parameters`, served on free loopback ports once ready.
+
+    Raises RuntimeError with the server's last lines when it does not become ready.
+    """
+    repository = render_repository(workdir / "model_repository", parameters)
+    address = free_loopback_address()
+    config = LaunchConfig(repository, workdir, address, exit_timeout_s, startup_timeout_s)
+    server = TritonProcess(find_tritonserver(), config, echo=None)
+    if not server.wait_ready(progress):
+        server.stop()
+        server.wait(30)
+        raise RuntimeError(f"tritonserver did not become ready:\n{server.last_lines()}")
+    return server
 
 
 def supervise(server: TritonProcess, out: TextIO = sys.stderr) -> int:
