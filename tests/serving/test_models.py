@@ -50,9 +50,26 @@ def test_tokenizer_encodes_and_refuses_bad_requests(tiny_llada: Path, monkeypatc
     assert responses[0].outputs()["INPUT_IDS"].tolist() == [ids]
     assert responses[0].outputs()["INPUT_LENGTH"].tolist() == [[len(ids)]]
     assert responses[1].error().code() == pb.TritonError.INVALID_ARG
-    assert responses[1].error().message() == "input 'text_input' is required"
+    assert responses[1].error().message().startswith("input 'text_input' is required")
     assert responses[2].error().code() == pb.TritonError.INVALID_ARG
     assert "algorithm must be one of" in responses[2].error().message()
+
+
+def test_tokenizer_passes_token_ids_through_after_checking_them(tiny_llada: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model("tokenizer", tiny_llada, monkeypatch)
+    vocab = Tokenizer.load(tiny_llada).vocab_size
+    ids = np.array([[5, 6, 7]], dtype=np.int32)
+    good = pb.Request({"input_ids": ids})
+    both = pb.Request({"input_ids": ids, "text_input": text("x")})
+    outside = pb.Request({"input_ids": np.array([[5, vocab]], dtype=np.int32)})
+    echo = pb.Request({"input_ids": ids, "exclude_input_in_output": scalar(False, bool)})
+    responses = model.execute([good, both, outside, echo])
+    assert responses[0].outputs()["INPUT_IDS"].tolist() == [[5, 6, 7]]
+    assert "not both" in responses[1].error().message()
+    assert responses[2].error().message() == (
+        f"input 'input_ids'[1]: token id {vocab} is out of vocabulary (the tokenizer has {vocab})"
+    )
+    assert "send the prompt as text" in responses[3].error().message()
 
 
 def test_denoiser_streams_tensors_and_ends_with_final(tiny_llada: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ from vdiff import LLM, SamplingParams
 PROMPTS = ["hello world", "the quick brown fox", "a", "twelve tokens or so of prompt text here"]
 
 
-def offline(llm: LLM, prompt: str, **params: Any) -> Any:
+def offline(llm: LLM, prompt: Any, **params: Any) -> Any:
     return llm.generate(prompt, SamplingParams(**params))[0]
 
 
@@ -62,6 +62,17 @@ def test_grpc_stream_equals_offline_engine(triton_server: Server, llada_llm: LLM
         assert all(r["num_input_tokens"] == len(llada_llm.tokenizer.encode(prompt)) for r in result.responses)
         steps = [r["step_index"] for r in result.responses]
         assert steps == sorted(steps) and steps[-1] == expected.nfe
+
+
+def test_token_id_prompt_and_stop_token_ids_equal_offline_engine(triton_server: Server, llada_llm: LLM) -> None:
+    ids = llada_llm.tokenizer.encode(PROMPTS[0])
+    free_run = offline(llada_llm, {"prompt_token_ids": ids}, max_tokens=24)
+    stop_id = free_run.token_ids[3]
+    expected = offline(llada_llm, {"prompt_token_ids": ids}, max_tokens=24, stop_token_ids=[stop_id])
+    result = stream_infer(triton_server.grpc, {"input_ids": ids, "max_tokens": 24, "stop_token_ids": [stop_id]})
+    assert result.error is None
+    assert result.text == expected.text and result.finish_reason == expected.finish_reason == "stop"
+    assert sum(r["num_output_tokens"] for r in result.responses) == len(expected.token_ids) <= 4  # with the stop id
 
 
 def test_http_generate_returns_one_response(triton_server: Server, llada_llm: LLM) -> None:

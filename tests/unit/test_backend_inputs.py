@@ -131,7 +131,8 @@ def test_the_configs_declare_every_option_the_parser_knows() -> None:
         inputs = declared(load_config(name))
         assert {k: v for k, v in inputs.items() if k in expected} == expected, name
         assert inputs["text_input"] == ("TYPE_STRING", [1])
-    assert set(declared(load_config("vdiff"))) == set(expected) | {"text_input"}
+        assert inputs["input_ids"] == ("TYPE_INT32", [-1])
+    assert set(declared(load_config("vdiff"))) == set(expected) | {"text_input", "input_ids"}
 
 
 def test_the_ensemble_wires_every_input_and_feeds_the_detokenizer_only_from_the_denoiser() -> None:
@@ -139,7 +140,8 @@ def test_the_ensemble_wires_every_input_and_feeds_the_detokenizer_only_from_the_
     tokenizer, denoiser, detokenizer = ensemble.ensemble_scheduling.step
     public = set(declared(ensemble))
     assert set(tokenizer.input_map.values()) == public
-    assert set(denoiser.input_map.values()) == public - {"text_input"} | {"text_input", "_input_ids"}
+    # the public input_ids go to the tokenizer, which checks them; the denoiser gets the tokenizer's
+    assert set(denoiser.input_map.values()) == public - {"input_ids"} | {"_input_ids"}
     assert set(detokenizer.input_map.values()) <= set(denoiser.output_map.values())
     assert {o.name for o in ensemble.output} == set(detokenizer.output_map.values())
     assert load_config("diffusion_denoise").model_transaction_policy.decoupled

@@ -9,7 +9,7 @@ checks that the three agree). Every problem raises InvalidInputError naming the 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ OPTIONS = (
     Option("top_k", "TYPE_INT32", "top_k"),
     Option("seed", "TYPE_UINT64", "seed"),
     Option("stop_words", "TYPE_STRING", "stop"),
+    Option("stop_token_ids", "TYPE_INT32", "stop_token_ids"),
     Option("ignore_eos", "TYPE_BOOL", "ignore_eos"),  # fixed-length outputs, for benchmarks
     Option("steps", "TYPE_INT32", "steps"),
     Option("block_length", "TYPE_INT32", "block_length"),
@@ -48,7 +49,7 @@ OPTIONS = (
     Option("return_num_input_tokens", "TYPE_BOOL", None),
     Option("return_num_output_tokens", "TYPE_BOOL", None),
 )
-LIST_OPTIONS = frozenset({"stop_words"})  # dims [-1]; every other option is one value
+LIST_OPTIONS = frozenset({"stop_words", "stop_token_ids"})  # dims [-1]; every other option is one value
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,26 @@ def parse_options(inputs: Mapping[str, np.ndarray]) -> tuple[SamplingParams, Str
     return params, stream
 
 
+def prompt_ids(inputs: Mapping[str, np.ndarray], encode: Callable[[str], list[int]], vocab_size: int) -> list[int]:
+    """The prompt: `input_ids` as sent (each id checked against the vocabulary), else `text_input` encoded."""
+    if "input_ids" not in inputs:
+        return encode(text_input(inputs))
+    if "text_input" in inputs:
+        raise InvalidInputError("send the prompt as 'text_input' or as 'input_ids', not both")
+    ids = [int(i) for i in np.asarray(inputs["input_ids"]).reshape(-1)]
+    if not ids:
+        raise InvalidInputError("input 'input_ids' is empty; diffusion decoding needs at least one prompt token")
+    for index, token in enumerate(ids):
+        if not 0 <= token < vocab_size:
+            raise InvalidInputError(
+                f"input 'input_ids'[{index}]: token id {token} is out of vocabulary (the tokenizer has {vocab_size})"
+            )
+    return ids
+
+
 def text_input(inputs: Mapping[str, np.ndarray], name: str = "text_input") -> str:
     if name not in inputs:
-        raise InvalidInputError(f"input '{name}' is required")
+        raise InvalidInputError(f"input '{name}' is required (or the prompt's token ids as 'input_ids')")
     text = _one(name, inputs[name])
     if not isinstance(text, bytes | str):
         raise InvalidInputError(f"input '{name}' must be a string, got {type(text).__name__}")
@@ -83,7 +101,9 @@ def text_input(inputs: Mapping[str, np.ndarray], name: str = "text_input") -> st
 
 def _value(option: Option, array: np.ndarray) -> Any:
     if option.name in LIST_OPTIONS:
-        return _strings(option.name, array)
+        if option.triton_type == "TYPE_STRING":
+            return _strings(option.name, array)
+        return tuple(int(item) for item in np.asarray(array).reshape(-1))
     value = _one(option.name, array)
     kind = option.triton_type
     if kind == "TYPE_STRING":

@@ -1,10 +1,10 @@
-"""Triton adapter: text_input -> prompt ids, after validating every option of the request."""
+"""Triton adapter: text_input (or input_ids as sent) -> prompt ids, after validating every option."""
 
 import json
 
 import triton_python_backend_utils as pb_utils
 
-from vdiff.backend.inputs import InvalidInputError, parse_options, text_input
+from vdiff.backend.inputs import InvalidInputError, parse_options, prompt_ids
 from vdiff.backend.settings import BackendSettings
 from vdiff.backend.tensors import tokenizer_outputs
 from vdiff.tokenizer import Tokenizer
@@ -21,8 +21,10 @@ class TritonPythonModel:
     def _encode(self, request):
         inputs = {tensor.name(): tensor.as_numpy() for tensor in request.inputs()}
         try:
-            parse_options(inputs)
-            ids = self.tokenizer.encode(text_input(inputs))
+            _, options = parse_options(inputs)
+            if options.echo and "text_input" not in inputs:
+                raise InvalidInputError("exclude_input_in_output=false echoes 'text_input'; send the prompt as text")
+            ids = prompt_ids(inputs, self.tokenizer.encode, self.tokenizer.vocab_size)
         except InvalidInputError as error:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
         tensors = [pb_utils.Tensor(name, array) for name, array in tokenizer_outputs(ids).items()]
