@@ -1,0 +1,192 @@
+"""`vllm serve`'s flags, as the `vdiff` command and `vdiff-proxy` take them.
+
+Flags that mean something for a Triton-served diffusion model are implemented; the GPU-engine
+flags of vLLM (parallelism, memory, caching, LoRA, ...) are accepted so that vLLM command lines,
+Helm values and KServe `args` keep working, and each one given is reported once as ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+# vLLM flags accepted and ignored: (names, takes a value)
+IGNORED_FLAGS: tuple[tuple[tuple[str, ...], bool], ...] = (
+    (("--tensor-parallel-size", "-tp"), True),
+    (("--pipeline-parallel-size", "-pp"), True),
+    (("--data-parallel-size", "-dp"), True),
+    (("--gpu-memory-utilization",), True),
+    (("--quantization", "-q"), True),
+    (("--kv-cache-dtype",), True),
+    (("--block-size",), True),
+    (("--swap-space",), True),
+    (("--cpu-offload-gb",), True),
+    (("--max-logprobs",), True),
+    (("--max-num-queued-tokens",), True),
+    (("--tokenizer-mode",), True),
+    (("--revision",), True),
+    (("--tokenizer-revision",), True),
+    (("--hf-token",), True),
+    (("--download-dir",), True),
+    (("--load-format",), True),
+    (("--config",), True),
+    (("--uds",), True),
+    (("--h11-max-header-count",), True),  # uvicorn has no such limit to set
+    (("--middleware",), True),
+    (("--log-config-file",), True),
+    (("--api-server-count", "-asc"), True),
+    (("--disable-access-log-for-endpoints",), True),
+    (("--chat-template-content-format",), True),
+    (("--tool-call-parser",), True),
+    (("--reasoning-parser",), True),
+    (("--sse-keep-alive-interval",), True),
+    (("--distributed-executor-backend",), True),
+    (("--max-seq-len-to-capture",), True),
+    (("--speculative-config",), True),
+    (("--compilation-config", "-O"), True),
+    (("--override-generation-config",), True),
+    (("--limit-mm-per-prompt",), True),
+    (("--lora-modules",), True),
+    (("--max-lora-rank",), True),
+    (("--enable-prefix-caching",), False),
+    (("--no-enable-prefix-caching",), False),
+    (("--enable-chunked-prefill",), False),
+    (("--no-enable-chunked-prefill",), False),
+    (("--enforce-eager",), False),
+    (("--disable-log-stats",), False),
+    (("--enable-auto-tool-choice",), False),
+    (("--return-tokens-as-token-ids",), False),
+    (("--enable-prompt-tokens-details",), False),
+    (("--enable-server-load-tracking",), False),
+    (("--enable-log-outputs",), False),
+    (("--enable-ssl-refresh",), False),
+    (("--log-error-stack",), False),
+    (("--headless",), False),
+    (("--enable-lora",), False),
+    (("--enable-sleep-mode",), False),
+    (("--disable-custom-all-reduce",), False),
+    (("--disable-frontend-multiprocessing",), False),
+    (("--async-scheduling",), False),
+    (("--enable-tokenizer-info-endpoint",), False),
+)
+
+
+def json_list(text: str) -> tuple[str, ...]:
+    """CORS lists are JSON strings in vLLM (`--allowed-origins '["https://a.example"]'`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}") from None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+    return tuple(value)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("model_tag", nargs="?", default=None, help="the model (overrides --model), as in `vllm serve`")
+    model.add_argument(
+        "--model", default=default_model, help=f"model directory, Hub id or shipped name ({default_model})"
+    )
+    model.add_argument(
+        "--served-model-name", nargs="+", default=None, help="names the API accepts; the first is reported"
+    )
+    model.add_argument("--tokenizer", default=None, help="tokenizer directory or Hub id (default: the model's)")
+    model.add_argument("--trust-remote-code", action="store_true")
+    model.add_argument("--max-model-len", default=None, help="context length (2048, 4k, 4K); default: the model's")
+    model.add_argument("--generation-config", default="auto", help="auto (the model's), vllm, or a directory")
+    model.add_argument("--chat-template", default=None, help="a template file or the template text")
+    model.add_argument("--response-role", default="assistant", help="role of chat answers (add_generation_prompt)")
+
+
+def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
+    http = parser.add_argument_group("OpenAI server")
+    http.add_argument("--host", default=None, help="address to bind (default: every interface)")
+    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--api-key", nargs="+", default=None, help="keys for /v1 (also VLLM_API_KEY)")
+    http.add_argument("--root-path", default="", help="path prefix when behind a path-based proxy")
+    http.add_argument("--allowed-origins", type=json_list, default=("*",))
+    http.add_argument("--allowed-methods", type=json_list, default=("*",))
+    http.add_argument("--allowed-headers", type=json_list, default=("*",))
+    http.add_argument("--allow-credentials", action="store_true")
+    http.add_argument("--ssl-keyfile", default=None)
+    http.add_argument("--ssl-certfile", default=None)
+    http.add_argument("--ssl-ca-certs", default=None)
+    http.add_argument("--ssl-cert-reqs", type=int, default=int(ssl.CERT_NONE))
+    http.add_argument("--ssl-ciphers", default=None)
+    http.add_argument("--uvicorn-log-level", default="info",
+                      choices=["critical", "error", "warning", "info", "debug", "trace"])  # fmt: skip
+    http.add_argument("--disable-uvicorn-access-log", action="store_true")
+    http.add_argument("--enable-request-id-headers", action="store_true", help="echo X-Request-Id on responses")
+    http.add_argument("--disable-fastapi-docs", action="store_true")
+    http.add_argument("--enable-force-include-usage", action="store_true", help="usage chunk on every stream")
+    http.add_argument("--enable-log-requests", action="store_true")
+    http.add_argument("--disable-log-requests", action="store_true", help="deprecated in vLLM; the default")
+    http.add_argument("--max-log-len", type=int, default=None)
+    http.add_argument("--h11-max-incomplete-event-size", type=int, default=4 * 1024 * 1024)
+
+
+def add_ignored_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("accepted for vLLM compatibility and ignored")
+    for names, takes_value in IGNORED_FLAGS:
+        dest = "ignored_" + names[0].lstrip("-").replace("-", "_")
+        if takes_value:
+            group.add_argument(*names, dest=dest, default=None, action="append", help=argparse.SUPPRESS)
+        else:
+            group.add_argument(*names, dest=dest, action="store_true", help=argparse.SUPPRESS)
+    group.description = "  ".join(names[0] for names, _ in IGNORED_FLAGS)
+
+
+def ignored_flags_given(args: argparse.Namespace) -> list[str]:
+    given = []
+    for names, _ in IGNORED_FLAGS:
+        value = getattr(args, "ignored_" + names[0].lstrip("-").replace("-", "_"))
+        if value:
+            given.append(names[0])
+    return given
+
+
+def api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.api_key:
+        return tuple(args.api_key)
+    env = os.environ.get("VLLM_API_KEY") or os.environ.get("VDIFF_API_KEY")
+    return (env,) if env else ()
+
+
+@dataclass(frozen=True)
+class UvicornOptions:
+    host: str | None
+    port: int
+    log_level: str
+    access_log: bool
+    ssl: dict[str, Any]
+    h11_max_incomplete_event_size: int
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "host": self.host or "0.0.0.0",
+            "port": self.port,
+            "log_level": self.log_level,
+            "access_log": self.access_log,
+            "h11_max_incomplete_event_size": self.h11_max_incomplete_event_size,
+            **self.ssl,
+        }
+
+
+def uvicorn_options(args: argparse.Namespace) -> UvicornOptions:
+    tls = {"ssl_keyfile": args.ssl_keyfile, "ssl_certfile": args.ssl_certfile, "ssl_ca_certs": args.ssl_ca_certs,
+           "ssl_cert_reqs": args.ssl_cert_reqs}  # fmt: skip
+    if args.ssl_ciphers:
+        tls["ssl_ciphers"] = args.ssl_ciphers
+    return UvicornOptions(
+        host=args.host,
+        port=args.port,
+        log_level=args.uvicorn_log_level,
+        access_log=not args.disable_uvicorn_access_log,
+        ssl=tls if args.ssl_certfile else {},
+        h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+    )

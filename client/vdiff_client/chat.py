@@ -1,0 +1,137 @@
+"""POST /v1/chat/completions: messages -> chat template -> choices, as one body or an SSE stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vdiff_client.errors import bad_request
+from vdiff_client.generation import Event, Generation, Prompt, make_jobs
+from vdiff_client.protocol import ChatCompletionRequest, ChatMessage, TextPart
+from vdiff_client.responses import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    ChatStreamChoice,
+    DeltaMessage,
+    now,
+    random_id,
+    usage,
+)
+from vdiff_client.sampling import check_context, check_sampling, check_supported, ensemble_values
+from vdiff_client.serving import Serving, StreamUsage, sse_stream
+
+
+def message_text(content: str | list[TextPart] | None) -> str:
+    """A message's content as one string: text parts are joined with newlines, as vLLM does."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for index, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise bad_request(f"content part {index} has type '{part.type}'; only text parts are supported", "messages")
+        texts.append(part.text)
+    return "\n".join(texts)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [
+        {"role": m.role, "content": message_text(m.content)} | ({"name": m.name} if m.name else {}) for m in messages
+    ]
+
+
+class ChatServing(Serving):
+    def prompt(self, request: ChatCompletionRequest) -> Prompt:
+        if not request.messages:
+            raise bad_request("messages must hold at least one message", "messages")
+        text = self.tokenizer.render_chat(
+            template_messages(request.messages),
+            request.add_generation_prompt,
+            request.continue_final_message,
+            request.chat_template,
+            request.chat_template_kwargs,
+        )
+        return Prompt(self.tokenizer.encode(text, request.add_special_tokens), text)
+
+    def role(self, request: ChatCompletionRequest) -> str:
+        return self.config.response_role if request.add_generation_prompt else request.messages[-1].role
+
+    def echo_text(self, request: ChatCompletionRequest, role: str) -> str:
+        """With `echo`, the last message's content when it is the response role's (vLLM's rule)."""
+        last = request.messages[-1]
+        return message_text(last.content) if request.echo and last.role == role else ""
+
+    def generation(self, request: ChatCompletionRequest, request_id: str) -> tuple[Generation, Prompt]:
+        check_supported(request)
+        max_tokens = request.max_new_tokens()
+        check_sampling(request, max_tokens, self.config.sampling_defaults)
+        prompt = self.prompt(request)
+        check_context(len(prompt.ids), max_tokens, self.tokenizer.max_model_len)
+        jobs = make_jobs(
+            request_id, [prompt], request.n, lambda p, i: ensemble_values(request, p.ids, max_tokens, i, self.config)
+        )
+        return Generation(self.backend, jobs, self.metrics.track(request.n, len(jobs))), prompt
+
+    async def create(
+        self, request: ChatCompletionRequest, request_id: str
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        self.check_model(request.model)
+        request_id = f"chatcmpl-{request_id}" if request_id else random_id("chatcmpl")
+        generation, prompt = self.generation(request, request_id)
+        role = self.role(request)
+        if request.stream:
+            events = await generation.started()
+            return sse_stream(self._chunks(request, request_id, prompt, role, events))
+        results = await generation.collect()
+        echo = self.echo_text(request, role)
+        choices = [
+            ChatChoice(
+                index=i, message=AssistantMessage(role=role, content=echo + r.text), finish_reason=r.finish_reason
+            )
+            for i, r in enumerate(results)
+        ]
+        completion_tokens = sum(r.completion_tokens for r in results)
+        return ChatCompletionResponse(
+            id=request_id,
+            model=self.config.model_name,
+            choices=choices,
+            usage=usage(len(prompt.ids), completion_tokens),
+        )
+
+    async def _chunks(
+        self, request: ChatCompletionRequest, request_id: str, prompt: Prompt, role: str, events: AsyncIterator[Event]
+    ) -> AsyncIterator[str]:
+        created = now()
+        counts = StreamUsage(self.stream_usage_wanted(request), request.stream_options, [len(prompt.ids)], request.n)
+
+        def chunk(choice: ChatStreamChoice, index: int | None = None) -> str:
+            body = ChatCompletionStreamResponse(
+                id=request_id,
+                object="chat.completion.chunk",  # set explicitly: unset fields are left out of chat chunks
+                created=created,
+                model=self.config.model_name,
+                choices=[choice],
+            )
+            stats = counts.continuous(index) if index is not None else None
+            if stats is not None:
+                body.usage = stats
+            return body.model_dump_json(exclude_unset=True)
+
+        echo = self.echo_text(request, role)
+        for index in range(request.n):
+            first = DeltaMessage(role=role, content=echo)
+            yield chunk(ChatStreamChoice(index=index, delta=first, logprobs=None, finish_reason=None))
+        async for index, delta in events:
+            counts.add(index, delta)
+            choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text))
+            if delta.finish_reason is not None:
+                choice.finish_reason = delta.finish_reason
+            elif not delta.text:
+                continue  # nothing to say yet
+            yield chunk(choice, index)
+        final = counts.final()
+        if final is not None:
+            yield ChatCompletionStreamResponse(
+                id=request_id, created=created, model=self.config.model_name, choices=[], usage=final
+            ).model_dump_json(exclude_none=True)

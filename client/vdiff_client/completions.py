@@ -1,0 +1,110 @@
+"""POST /v1/completions: prompts (text, texts, token ids) -> choices, as one body or an SSE stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from vdiff_client.errors import bad_request
+from vdiff_client.generation import Event, Generation, Prompt, make_jobs
+from vdiff_client.protocol import CompletionRequest
+from vdiff_client.responses import (
+    CompletionChoice,
+    CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
+    now,
+    random_id,
+    usage,
+)
+from vdiff_client.sampling import check_context, check_sampling, check_supported, ensemble_values
+from vdiff_client.serving import Serving, StreamUsage, sse_stream
+
+EMPTY_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty."
+
+
+class CompletionServing(Serving):
+    def prompts(self, request: CompletionRequest) -> list[Prompt]:
+        raw = request.prompt
+        if raw is None or raw == "" or raw == []:
+            raise bad_request(EMPTY_PROMPT, "prompt")
+        if isinstance(raw, str):
+            items: list[str | list[int]] = [raw]
+        elif all(isinstance(item, int) for item in raw):
+            items = [list(raw)]  # type: ignore[arg-type]
+        else:
+            items = list(raw)  # type: ignore[arg-type]
+        return [self._prompt(item, request.add_special_tokens) for item in items]
+
+    def _prompt(self, item: str | list[int], add_special_tokens: bool) -> Prompt:
+        if isinstance(item, str):
+            if not item:
+                raise bad_request(EMPTY_PROMPT, "prompt")
+            return Prompt(self.tokenizer.encode(item, add_special_tokens), item)
+        if not item:
+            raise bad_request(EMPTY_PROMPT, "prompt")
+        self.tokenizer.check_ids(item)
+        return Prompt(item, self.tokenizer.decode(item))
+
+    def generation(self, request: CompletionRequest, request_id: str) -> tuple[Generation, list[Prompt]]:
+        check_supported(request)
+        check_sampling(request, request.max_tokens, self.config.sampling_defaults)
+        prompts = self.prompts(request)
+        for prompt in prompts:
+            check_context(len(prompt.ids), request.max_tokens, self.tokenizer.max_model_len)
+        jobs = make_jobs(
+            request_id,
+            prompts,
+            request.n,
+            lambda prompt, i: ensemble_values(request, prompt.ids, request.max_tokens, i, self.config),
+        )
+        return Generation(self.backend, jobs, self.metrics.track(request.n, len(jobs))), prompts
+
+    async def create(self, request: CompletionRequest, request_id: str) -> CompletionResponse | AsyncIterator[str]:
+        self.check_model(request.model)
+        request_id = f"cmpl-{request_id}" if request_id else random_id("cmpl")
+        generation, prompts = self.generation(request, request_id)
+        if request.stream:
+            events = await generation.started()
+            return sse_stream(self._chunks(request, request_id, prompts, events))
+        results = await generation.collect()
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=(prompts[i // request.n].text if request.echo else "") + result.text,
+                finish_reason=result.finish_reason,
+            )
+            for i, result in enumerate(results)
+        ]
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        completion_tokens = sum(r.completion_tokens for r in results)
+        return CompletionResponse(
+            id=request_id, model=self.config.model_name, choices=choices, usage=usage(prompt_tokens, completion_tokens)
+        )
+
+    async def _chunks(
+        self, request: CompletionRequest, request_id: str, prompts: list[Prompt], events: AsyncIterator[Event]
+    ) -> AsyncIterator[str]:
+        created = now()
+        counts = StreamUsage(
+            self.stream_usage_wanted(request), request.stream_options, [len(p.ids) for p in prompts], request.n
+        )
+        echoed: set[int] = set()
+        async for index, delta in events:
+            text = delta.text
+            if request.echo and index not in echoed:
+                echoed.add(index)
+                text = prompts[index // request.n].text + text
+            counts.add(index, delta)
+            chunk = CompletionStreamResponse(
+                id=request_id,
+                created=created,
+                model=self.config.model_name,
+                choices=[CompletionStreamChoice(index=index, text=text, finish_reason=delta.finish_reason)],
+                usage=counts.continuous(index),
+            )
+            yield chunk.model_dump_json()
+        final = counts.final()
+        if final is not None:
+            yield CompletionStreamResponse(
+                id=request_id, created=created, model=self.config.model_name, choices=[], usage=final
+            ).model_dump_json(exclude_none=True)

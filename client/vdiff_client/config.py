@@ -1,0 +1,78 @@
+"""`ProxyConfig`: everything the OpenAI server needs to know, typed, frozen and checked once."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# vLLM's defaults for unset sampling fields (`--generation-config vllm`)
+VLLM_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+# generation_config.json keys -> the ensemble inputs they default
+GENERATION_CONFIG_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "steps": "steps",
+    "block_length": "block_length",
+    "alg": "algorithm",
+    "alg_temp": "alg_temp",
+    "cfg_scale": "cfg_scale",
+    "max_new_tokens": "max_tokens",
+}
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    triton_url: str  # host:port of Triton's gRPC endpoint
+    model: str  # the model as given (path, Hub id or shipped name): /v1/models' `root`
+    tokenizer: str  # a directory the proxy's tokenizer loads
+    served_model_names: tuple[str, ...]
+    max_model_len: int
+    triton_metrics_url: str | None = None  # Triton's /metrics, for the engine's running/waiting gauges
+    api_keys: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    chat_template: str | None = None
+    response_role: str = "assistant"
+    generation_config: str = "auto"  # auto: the model's (applied by the engine); vllm; or a directory
+    model_dir: str | None = None  # where the model's generation_config.json is, for `auto`
+    enable_force_include_usage: bool = False
+    enable_request_id_headers: bool = False
+    enable_log_requests: bool = False
+    max_log_len: int | None = None
+    ensemble: str = "vdiff"
+    denoiser: str = "diffusion_denoise"
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # filled from generation_config
+
+    def __post_init__(self) -> None:
+        if not self.served_model_names or any(not name for name in self.served_model_names):
+            raise ValueError("served_model_names must hold at least one non-empty name")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if any(not key for key in self.api_keys):
+            raise ValueError("api_keys must not contain an empty key")
+        object.__setattr__(self, "sampling_defaults", self._defaults())
+
+    @property
+    def model_name(self) -> str:
+        """The name responses and metrics carry: the first served name."""
+        return self.served_model_names[0]
+
+    def sends_defaults(self) -> bool:
+        """`auto` leaves the model's defaults to the engine, which reads the same file."""
+        return self.generation_config != "auto"
+
+    def _defaults(self) -> dict[str, Any]:
+        if self.generation_config == "vllm":
+            return dict(VLLM_SAMPLING_DEFAULTS)
+        folder = self.model_dir if self.generation_config == "auto" else self.generation_config
+        if folder is None:
+            return {}
+        path = Path(folder) / "generation_config.json"
+        if not path.is_file():
+            if self.generation_config != "auto":
+                raise ValueError(f"--generation-config {folder}: there is no generation_config.json there")
+            return {}
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {name: raw[key] for key, name in GENERATION_CONFIG_KEYS.items() if raw.get(key) is not None}

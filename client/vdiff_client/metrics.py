@@ -1,0 +1,162 @@
+"""vLLM's Prometheus metrics (names, labels, buckets), observed at the proxy.
+
+Each choice is one engine request, as in vLLM (n > 1 fans out). A diffusion model finalizes
+tokens in groups (the stable prefix grows by a block at a time), so:
+- time to first token = request received -> first response with text;
+- inter-token latency = the gap between two responses divided by the tokens of the later one,
+  observed once per token, so its count is the generated tokens after the first response.
+The running and waiting gauges are the engine's own (the denoiser's `vdiff:num_requests_*` on
+Triton's metrics endpoint, read at scrape time), so they count requests queued inside Triton too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.request
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from vdiff_client.triton import Delta
+
+log = logging.getLogger(__name__)
+
+LABELS = ("model_name", "engine")
+FINISH_REASONS = ("stop", "length", "abort")
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+                80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+                   480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+N_BUCKETS = (1, 2, 5, 10, 20)
+ENGINE_GAUGES = {"vdiff:num_requests_running": "vllm:num_requests_running",
+                 "vdiff:num_requests_waiting": "vllm:num_requests_waiting"}  # fmt: skip
+
+
+def buckets_1_2_5(limit: int) -> list[float]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's build_1_2_5_buckets)."""
+    out: list[float] = []
+    exponent = 0
+    while True:
+        for mantissa in (1, 2, 5):
+            value = mantissa * 10**exponent
+            if value > limit:
+                return out
+            out.append(float(value))
+        exponent += 1
+
+
+class ProxyMetrics:
+    def __init__(self, model_name: str, max_model_len: int, triton_metrics_url: str | None) -> None:
+        self.registry = CollectorRegistry()
+        self.labels = {"model_name": model_name, "engine": "0"}
+        r = self.registry
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", LABELS, registry=r)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", LABELS, registry=r)
+        self.success = Counter("vllm:request_success", "Finished requests.", (*LABELS, "finished_reason"), registry=r)
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "TTFT.", LABELS, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "ITL.", LABELS, buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "End-to-end latency.", LABELS, buckets=LATENCY_BUCKETS, registry=r
+        )
+        length = buckets_1_2_5(max_model_len)
+        self.request_prompt = Histogram(
+            "vllm:request_prompt_tokens", "Prompt tokens per request.", LABELS, buckets=length, registry=r
+        )
+        self.request_generation = Histogram(
+            "vllm:request_generation_tokens", "Generated tokens per request.", LABELS, buckets=length, registry=r
+        )
+        self.params_n = Histogram("vllm:request_params_n", "The n parameter.", LABELS, buckets=N_BUCKETS, registry=r)
+        for reason in FINISH_REASONS:
+            self.success.labels(**self.labels, finished_reason=reason)
+        if triton_metrics_url:
+            r.register(EngineGauges(triton_metrics_url, self.labels))
+
+    def track(self, n: int, choices: int) -> RequestTracker:
+        self.params_n.labels(**self.labels).observe(n)
+        return RequestTracker(self, choices)
+
+
+class RequestTracker:
+    """The timings of one HTTP request's choices, observed as their responses arrive."""
+
+    def __init__(self, metrics: ProxyMetrics, choices: int) -> None:
+        self.metrics = metrics
+        self.started = time.monotonic()
+        self.last_text_at: dict[int, float] = {}
+        self.tokens = dict.fromkeys(range(choices), 0)  # the unfinished choices' generated tokens
+
+    def on_delta(self, index: int, delta: Delta) -> None:
+        m, labels = self.metrics, self.metrics.labels
+        now = time.monotonic()
+        if delta.new_tokens:
+            previous = self.last_text_at.get(index)
+            if previous is None:
+                m.ttft.labels(**labels).observe(now - self.started)
+            else:
+                for _ in range(delta.new_tokens):
+                    m.itl.labels(**labels).observe((now - previous) / delta.new_tokens)
+            self.last_text_at[index] = now
+            m.generation_tokens.labels(**labels).inc(delta.new_tokens)
+        self.tokens[index] += delta.new_tokens
+        if delta.finish_reason is not None:
+            m.prompt_tokens.labels(**labels).inc(delta.prompt_tokens)
+            m.request_prompt.labels(**labels).observe(delta.prompt_tokens)
+            m.request_generation.labels(**labels).observe(self.tokens[index])
+            m.e2e.labels(**labels).observe(now - self.started)
+            m.success.labels(**labels, finished_reason=delta.finish_reason).inc()
+            self.tokens.pop(index)
+
+    def on_abort(self) -> None:
+        """The choices that never finished (client gone, error) end as aborted."""
+        m, labels = self.metrics, self.metrics.labels
+        for _ in self.tokens:
+            m.success.labels(**labels, finished_reason="abort").inc()
+        self.tokens.clear()
+
+
+class EngineGauges:
+    """vllm:num_requests_running/waiting from the denoiser's gauges on Triton's metrics endpoint."""
+
+    def __init__(self, url: str, labels: dict[str, str]) -> None:
+        self.url = url
+        self.labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        totals = dict.fromkeys(ENGINE_GAUGES, 0.0)
+        try:
+            with urllib.request.urlopen(self.url, timeout=2) as response:
+                text = response.read().decode("utf-8")
+        except OSError as error:
+            log.warning("cannot read Triton's metrics at %s: %s", self.url, error)
+            return
+        for family in text_string_to_metric_families(text):
+            if family.name in totals:
+                totals[family.name] += sum(sample.value for sample in family.samples)
+        for source, name in ENGINE_GAUGES.items():
+            gauge = GaugeMetricFamily(name, f"Engine requests ({source} summed over Triton instances).", labels=LABELS)
+            gauge.add_metric([self.labels["model_name"], self.labels["engine"]], totals[source])
+            yield gauge

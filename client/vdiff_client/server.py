@@ -1,0 +1,248 @@
+"""The OpenAI-compatible HTTP server: vLLM's routes, middleware and conventions over `TritonBackend`."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from vdiff_client import __version__
+from vdiff_client.chat import ChatServing, template_messages
+from vdiff_client.completions import CompletionServing
+from vdiff_client.config import ProxyConfig
+from vdiff_client.errors import install_error_handlers
+from vdiff_client.metrics import ProxyMetrics
+from vdiff_client.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from vdiff_client.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
+from vdiff_client.tokenizer import ProxyTokenizer
+from vdiff_client.triton import TritonBackend
+
+log = logging.getLogger("vdiff_client")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HTTPSettings:
+    """Frontend options that shape the app itself (the rest go to uvicorn)."""
+
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    root_path: str = ""
+    disable_docs: bool = False
+
+
+def require_json(request: Request) -> None:
+    """vLLM answers a non-JSON body with 400, not 415."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type != "application/json":
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("header", "content-type"),
+                    "msg": "Unsupported Media Type: Only 'application/json' is allowed",
+                    "type": "content_type",
+                }
+            ]  # fmt: skip
+        )
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:
+    """Run `work` unless the client hangs up first; then cancel it (its Triton requests end too)."""
+    task = asyncio.ensure_future(work)
+
+    async def hang_up() -> None:
+        while (await raw.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(hang_up())
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        watcher.cancel()
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGone
+
+
+class APIKeyMiddleware:
+    """`--api-key`: /v1 routes need `Authorization: Bearer <key>`; health, metrics and CORS preflight stay open."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
+        self.app = app
+        self.digests = [hashlib.sha256(key.encode()).digest() for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] == "OPTIONS"
+            or not self._protected(scope)
+            or self._allowed(scope)
+        ):
+            await self.app(scope, receive, send)
+            return
+        await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+
+    def _protected(self, scope: Scope) -> bool:
+        path: str = scope["path"]
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return path.startswith("/v1")
+
+    def _allowed(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode()).digest()
+        return any(secrets.compare_digest(digest, known) for known in self.digests)
+
+
+def build_app(
+    config: ProxyConfig,
+    tokenizer: ProxyTokenizer,
+    http: HTTPSettings | None = None,
+    backend: TritonBackend | None = None,
+) -> FastAPI:
+    http = http or HTTPSettings()
+    backend = backend or TritonBackend(config.triton_url, config.ensemble, config.denoiser)
+    metrics = ProxyMetrics(config.model_name, config.max_model_len, config.triton_metrics_url)
+    completions = CompletionServing(config, backend, tokenizer, metrics)
+    chat = ChatServing(config, backend, tokenizer, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await backend.close()
+
+    docs = not http.disable_docs
+    app = FastAPI(
+        title="vdiff",
+        version=__version__,
+        root_path=http.root_path,
+        lifespan=lifespan,
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
+    app.state.backend = backend
+    install_error_handlers(app)
+    if config.api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=config.api_keys)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=list(http.allowed_origins),
+        allow_credentials=http.allow_credentials,
+        allow_methods=list(http.allowed_methods),
+        allow_headers=list(http.allowed_headers),
+    )
+    if config.enable_request_id_headers:
+        app.middleware("http")(echo_request_id)
+
+    async def health() -> Response:
+        return Response(status_code=200 if await backend.is_ready() else 503)
+
+    app.add_api_route("/health", health, methods=["GET"])
+    app.add_api_route("/ping", health, methods=["GET", "POST"])
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    async def prometheus() -> Response:
+        body = await asyncio.to_thread(generate_latest, metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    app.add_api_route("/metrics", prometheus, methods=["GET"])
+    app.add_api_route("/metrics/", prometheus, methods=["GET"], include_in_schema=False)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        cards = [ModelCard(id=name, root=config.model, max_model_len=config.max_model_len)
+                 for name in config.served_model_names]  # fmt: skip
+        return ModelList(data=cards)
+
+    @app.post("/v1/completions", dependencies=[Depends(require_json)], response_model=None)
+    async def create_completion(request: CompletionRequest, raw: Request) -> Any:
+        log_request(config, raw, "completion", request)
+        return await answer(raw, completions.create(request, raw.headers.get("x-request-id", "")))
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_json)], response_model=None)
+    async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Any:
+        log_request(config, raw, "chat", request)
+        return await answer(raw, chat.create(request, raw.headers.get("x-request-id", "")))
+
+    @app.post("/tokenize", dependencies=[Depends(require_json)])
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        completions.check_model(request.model)
+        ids = tokenize_request(tokenizer, request)
+        strs = tokenizer.token_strs(ids) if request.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=config.max_model_len, tokens=ids, token_strs=strs)
+
+    @app.post("/detokenize", dependencies=[Depends(require_json)])
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        completions.check_model(request.model)
+        tokenizer.check_ids(request.tokens, "tokens")
+        return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
+
+    return app
+
+
+async def answer(raw: Request, work: Awaitable[Any]) -> Any:
+    """A JSON body, or an SSE stream when the handler returned chunks."""
+    try:
+        result = await until_disconnect(raw, work)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; the work was cancelled
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream")
+    return result
+
+
+def tokenize_request(tokenizer: ProxyTokenizer, request: TokenizeRequest) -> list[int]:
+    if request.messages is not None:
+        text = tokenizer.render_chat(
+            template_messages(request.messages),
+            request.add_generation_prompt,
+            request.continue_final_message,
+            request.chat_template,
+            request.chat_template_kwargs,
+        )
+        return tokenizer.encode(text, bool(request.add_special_tokens))
+    special = True if request.add_special_tokens is None else request.add_special_tokens
+    return tokenizer.encode(request.prompt or "", special)
+
+
+async def echo_request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """--enable-request-id-headers: the client's X-Request-Id, or a new one, on every response."""
+    response = await call_next(request)
+    response.headers["X-Request-Id"] = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return response
+
+
+def log_request(config: ProxyConfig, raw: Request, kind: str, request: Any) -> None:
+    if not config.enable_log_requests:
+        return
+    text = request.model_dump_json(exclude_unset=True)
+    if config.max_log_len is not None:
+        text = text[: config.max_log_len]
+    log.info("%s request from %s: %s", kind, raw.client.host if raw.client else "?", text)

@@ -1,0 +1,72 @@
+"""What completions and chat share: the model check, usage in streams, SSE framing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from vdiff_client.config import ProxyConfig
+from vdiff_client.errors import APIError, model_not_found
+from vdiff_client.metrics import ProxyMetrics
+from vdiff_client.protocol import SamplingFields, StreamOptions
+from vdiff_client.responses import UsageInfo, usage
+from vdiff_client.tokenizer import ProxyTokenizer
+from vdiff_client.triton import Delta, TritonBackend
+
+log = logging.getLogger(__name__)
+
+DONE = "data: [DONE]\n\n"
+
+
+class Serving:
+    def __init__(
+        self, config: ProxyConfig, backend: TritonBackend, tokenizer: ProxyTokenizer, metrics: ProxyMetrics
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.metrics = metrics
+
+    def check_model(self, name: str | None) -> None:
+        """An empty or missing model means the served one, as in vLLM."""
+        if name and name not in self.config.served_model_names:
+            raise model_not_found(name)
+
+    def stream_usage_wanted(self, request: SamplingFields) -> bool:
+        options = request.stream_options
+        return self.config.enable_force_include_usage or bool(options and options.include_usage)
+
+
+class StreamUsage:
+    """Token counts of a streamed answer: per-chunk usage (continuous_usage_stats) and the final chunk."""
+
+    def __init__(self, include: bool, options: StreamOptions | None, prompt_lengths: list[int], n: int) -> None:
+        self.include = include
+        self.continuous_stats = bool(options and options.continuous_usage_stats)
+        self.prompt_lengths = prompt_lengths
+        self.n = n
+        self.completion = [0] * (len(prompt_lengths) * n)
+
+    def add(self, index: int, delta: Delta) -> None:
+        self.completion[index] += delta.new_tokens
+
+    def continuous(self, index: int) -> UsageInfo | None:
+        if not (self.include and self.continuous_stats):
+            return None
+        return usage(self.prompt_lengths[index // self.n], self.completion[index])
+
+    def final(self) -> UsageInfo | None:
+        return usage(sum(self.prompt_lengths), sum(self.completion)) if self.include else None
+
+
+async def sse_stream(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """`data: {json}` events ending with `data: [DONE]`; an error after the start becomes an event too."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {chunk}\n\n"
+    except APIError as error:
+        yield f"data: {error.body().model_dump_json()}\n\n"
+    except Exception as error:  # the stream has started: report in-band, keep serving
+        log.exception("stream failed")
+        yield f"data: {APIError(500, f'internal server error: {type(error).__name__}').body().model_dump_json()}\n\n"
+    yield DONE

@@ -1,0 +1,130 @@
+"""The model's tokenizer on the proxy side (no torch): chat templates, prompt counts, /tokenize.
+
+The proxy tokenizes every prompt itself, as vLLM's frontend does: that is how it checks the
+context length before anything is queued, and the ids it counted are the ids it sends (the
+ensemble's `input_ids`), so usage numbers and limits agree with what the engine runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from vdiff_client.errors import bad_request
+
+log = logging.getLogger(__name__)
+
+# config.json keys that bound the sequence (LLaDA, then Qwen2/Dream and other HF names)
+LENGTH_KEYS = ("max_sequence_length", "max_position_embeddings", "n_positions", "max_seq_len")
+
+
+class ProxyTokenizer:
+    def __init__(self, hf: Any, max_model_len: int) -> None:
+        self.hf = hf
+        self.max_model_len = max_model_len
+
+    @classmethod
+    def load(
+        cls, source: str, trust_remote_code: bool, chat_template: str | None, max_model_len: int
+    ) -> ProxyTokenizer:
+        hf = _auto_tokenizer(source, trust_remote_code)
+        if chat_template is not None:
+            hf.chat_template = read_template(chat_template)
+        return cls(hf, max_model_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        text: str = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return text
+
+    def token_strs(self, ids: Sequence[int]) -> list[str]:
+        strs: list[str] = self.hf.convert_ids_to_tokens(list(ids))
+        return strs
+
+    def check_ids(self, ids: Sequence[int], param: str = "prompt") -> None:
+        for token in ids:
+            if not 0 <= token < self.vocab_size:
+                raise bad_request(f"Token id {token} is out of vocabulary", param)
+
+    def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        continue_final_message: bool = False,
+        template: str | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> str:
+        if template is None and not isinstance(getattr(self.hf, "chat_template", None), str):
+            raise bad_request("this model's tokenizer has no chat template; start the server with --chat-template")
+        if add_generation_prompt and continue_final_message:
+            raise bad_request("continue_final_message and add_generation_prompt cannot both be true")
+        try:
+            text: str = self.hf.apply_chat_template(
+                list(messages),
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                chat_template=read_template(template) if template is not None else None,
+                **dict(template_kwargs or {}),
+            )
+        except Exception as error:  # jinja raises its own types; every one is a problem with this request
+            raise bad_request(f"the chat template could not render these messages: {error}", "messages") from None
+        return text
+
+
+def model_max_length(model_dir: str) -> int | None:
+    """The sequence length the model's config.json allows, or None when it names none."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return next((int(config[key]) for key in LENGTH_KEYS if isinstance(config.get(key), int)), None)
+
+
+def parse_max_model_len(text: str) -> int:
+    """vLLM's human-readable sizes: 2048, 1k (1000), 1K (1024), 25.6k."""
+    units = {"k": 1000, "m": 1000**2, "g": 1000**3, "K": 1024, "M": 1024**2, "G": 1024**3}
+    value = text.strip()
+    scale = units.get(value[-1:], 1)
+    number = value[:-1] if scale != 1 else value
+    try:
+        length = int(float(number) * scale)
+    except ValueError:
+        raise ValueError(f"--max-model-len must be an integer or a size like 4k or 4K, got {text!r}") from None
+    if length < 1:
+        raise ValueError(f"--max-model-len must be at least 1, got {text!r}")
+    return length
+
+
+def read_template(template: str) -> str:
+    """--chat-template and the request's chat_template take a file path or the template itself."""
+    path = Path(template)
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except OSError:
+        pass  # a long inline template is not a valid path on every filesystem
+    return template
+
+
+def _auto_tokenizer(source: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError) as error:
+        # Dream ships a custom tokenizer class around a plain tokenizer.json; load that directly.
+        if not (Path(source) / "tokenizer.json").is_file():
+            raise
+        log.warning("%s: %s; loading tokenizer.json as a PreTrainedTokenizerFast", source, error)
+        return PreTrainedTokenizerFast.from_pretrained(source)

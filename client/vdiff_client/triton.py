@@ -1,0 +1,169 @@
+"""The proxy's only contact with Triton: gRPC streaming requests to the `vdiff` ensemble.
+
+One request = one bidirectional stream with one request on it. The proxy always asks for a
+streamed answer (a response per growth of the stable prefix), even for a non-streaming HTTP
+request: that is what lets a cancellation reach the engine between denoising steps. When the
+caller stops early (client disconnect, error), the stream is cancelled and a stop order naming the
+request id goes straight to the denoiser, which ends the request at its next step, queued or not.
+
+Triton 2.51 passes on only the message of a model's error over gRPC streaming (no status), so the
+status is read back from the denoiser's own wording (`status_of`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+log = logging.getLogger(__name__)
+
+NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_, "BYTES": np.object_}
+# the denoiser's words for a full or stopping server (vdiff/backend/service.py)
+UNAVAILABLE_PHRASES = ("the server is at capacity", "the server is shutting down", "the server shut down")
+ENSEMBLE_PREFIX = "in ensemble '"
+
+
+class TritonRequestError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def status_of(message: str) -> tuple[int, str]:
+    """HTTP status and message for a Triton error message: 503 full, 400 invalid input, else 500."""
+    if message.startswith(ENSEMBLE_PREFIX) and "', " in message:
+        message = message.split("', ", 1)[1]
+    if any(phrase in message for phrase in UNAVAILABLE_PHRASES):
+        return 503, message
+    if message.startswith(("input '", "send the prompt", "exclude_input_in_output")):
+        return 400, message
+    return 500, message
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One ensemble response: a text delta and counts."""
+
+    text: str
+    prompt_tokens: int
+    new_tokens: int  # tokens whose text is in this delta
+    nfe: int  # the request's denoising steps so far
+    finish_reason: str | None  # set on the last response
+
+
+class TritonBackend:
+    def __init__(self, url: str, ensemble: str = "vdiff", denoiser: str = "diffusion_denoise") -> None:
+        self.url = url
+        self.ensemble = ensemble
+        self.denoiser = denoiser
+        self._client: grpcclient.InferenceServerClient | None = None
+        self._input_types: dict[str, str] = {}
+        self._stops: set[asyncio.Task[None]] = set()
+
+    @property
+    def client(self) -> grpcclient.InferenceServerClient:
+        # created on first use, inside the server's event loop (grpc.aio binds to the running loop)
+        if self._client is None:
+            self._client = grpcclient.InferenceServerClient(self.url)
+        return self._client
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self.client.is_model_ready(self.ensemble, client_timeout=2.0))
+        except InferenceServerException:
+            return False
+
+    async def generate(self, request_id: str, values: Mapping[str, Any]) -> AsyncIterator[Delta]:
+        """The ensemble's responses for one request; raises TritonRequestError on an error response."""
+        inputs = await self._tensors(values)
+        done = asyncio.Event()
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": self.ensemble, "inputs": inputs, "request_id": request_id}
+            await done.wait()  # keep the stream open until the last response
+
+        stream = self.client.stream_infer(one_request())
+        finished = False
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    finished = True
+                    raise TritonRequestError(*status_of(error.message()))
+                delta = _delta(result)
+                finished = delta.finish_reason is not None
+                yield delta
+                if finished:
+                    return
+            raise TritonRequestError(500, "Triton closed the stream before the request finished")
+        finally:
+            done.set()
+            if not finished:
+                stream.cancel()
+                self._send_stop(request_id)
+
+    def _send_stop(self, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._stop(request_id))
+        self._stops.add(task)
+        task.add_done_callback(self._stops.discard)
+
+    async def _stop(self, request_id: str) -> None:
+        """Tell the denoiser to end `request_id` at its next step (its slot is free after it)."""
+        stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
+        stop.set_data_from_numpy(np.array([[True]]))
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield {"model_name": self.denoiser, "inputs": [stop], "request_id": request_id}
+
+        try:
+            async for _, error in self.client.stream_infer(one_request()):
+                if error is not None:
+                    log.warning("stop order for %s failed: %s", request_id, error.message())
+                break
+        except (InferenceServerException, asyncio.CancelledError) as error:
+            log.warning("stop order for %s not delivered: %s", request_id, error)
+
+    async def _tensors(self, values: Mapping[str, Any]) -> list[grpcclient.InferInput]:
+        """[1, n] tensors typed as the ensemble declares its inputs (read from Triton once)."""
+        if not self._input_types:
+            metadata = await self.client.get_model_metadata(self.ensemble, as_json=True)
+            self._input_types = {i["name"]: i["datatype"] for i in metadata["inputs"]}
+        tensors = []
+        for name, value in values.items():
+            kind = self._input_types[name]
+            items = list(value) if isinstance(value, list | tuple) else [value]
+            if kind == "BYTES":
+                items = [item.encode("utf-8") for item in items]
+            array = np.array([items], dtype=NUMPY_TYPES[kind])
+            tensor = grpcclient.InferInput(name, list(array.shape), kind)
+            tensor.set_data_from_numpy(array)
+            tensors.append(tensor)
+        return tensors
+
+    async def close(self) -> None:
+        if self._stops:
+            await asyncio.wait(self._stops, timeout=2)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+
+def _delta(result: Any) -> Delta:
+    def one(name: str) -> Any:
+        return result.as_numpy(name).reshape(-1)[0]
+
+    finish = one("finish_reason").decode("utf-8")
+    return Delta(
+        text=one("text_output").decode("utf-8"),
+        prompt_tokens=int(one("num_input_tokens")),
+        new_tokens=int(one("num_output_tokens")),
+        nfe=int(one("step_index")),
+        finish_reason=finish or None,
+    )
