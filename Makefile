@@ -12,6 +12,7 @@ setup:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(if $(TORCH_SPEC),$(BIN)/pip install "$(TORCH_SPEC)")
+	$(BIN)/pip install -e client
 	$(BIN)/pip install -e ".[dev]"
 
 test: lint
@@ -21,8 +22,8 @@ test-all:
 	$(BIN)/pytest
 
 lint:
-	$(BIN)/ruff check vdiff tools tests perf model_repository
-	$(BIN)/ruff format --check vdiff tools tests perf model_repository
+	$(BIN)/ruff check vdiff client tools tests perf model_repository
+	$(BIN)/ruff format --check vdiff client tools tests perf model_repository
 	$(BIN)/mypy
 
 tiny:

@@ -1,21 +1,32 @@
-"""The `vdiff` command. `vdiff serve`: the Triton half of the one-command server.
+"""The `vdiff` command: vLLM's `vllm serve`, backed by Triton.
 
-vdiff serve [--model PATH|NAME] [--triton-http-port 8100] [--triton-grpc-port 8101] [-- TRITON ARGS]
+vdiff [serve] [MODEL] [--model PATH|NAME] [--port 8000] [vllm serve flags] [-- TRITON ARGS]
+vdiff triton [--model PATH|NAME] [--triton-http-port 8100] ...   Triton alone
+vdiff triton-env DIR                                             environment for a bare tritonserver
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import shlex
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from vdiff.assets import DEFAULT_MODEL
+from vdiff.models.checkpoint import resolve_model_dir
 from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess, supervise
 from vdiff.serve.repository import render_repository
+from vdiff.serve.stack import run_stack
 from vdiff.serve.tritonserver import TritonNotFoundError, find_tritonserver, server_environment
+from vdiff_client.args import add_frontend_arguments, add_ignored_arguments, add_model_arguments
+from vdiff_client.cli import build_proxy, make_server
+
+COMMANDS = ("serve", "triton", "triton-env")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,14 +52,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     triton.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain requests on shutdown")
     triton.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     triton.add_argument("--workdir", type=Path, default=None, help="where the repository is rendered (temporary)")
-    triton.add_argument("triton_args", nargs="*", help="arguments after -- go to tritonserver unchanged")
 
 
 def model_parameters(args: argparse.Namespace) -> dict[str, str]:
     """The config.pbtxt parameters for these arguments."""
     return {
         "model": args.model,
-        "tokenizer": args.tokenizer,
+        "tokenizer": args.tokenizer or "",
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": str(args.trust_remote_code).lower(),
@@ -61,28 +71,91 @@ def model_parameters(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def serve(args: argparse.Namespace) -> int:
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
+    engine.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    engine.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together")
+    engine.add_argument("--max-queue-size", "--max-num-queued-reqs", dest="max_queue_size", type=int, default=32,
+                        help="waiting requests beyond which a request gets 503")  # fmt: skip
+    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
+    engine.add_argument("--torch-num-threads", type=int, default=0, help="0: one per core")
+    engine.add_argument("--seed", type=int, default=0)
+    triton = parser.add_argument_group("triton (internal ports, bound to --triton-host)")
+    triton.add_argument("--triton-host", default="127.0.0.1")
+    triton.add_argument("--triton-http-port", type=int, default=8100)
+    triton.add_argument("--triton-grpc-port", type=int, default=8101)
+    triton.add_argument("--triton-metrics-port", type=int, default=8102)
+    triton.add_argument("--shutdown-timeout", "--exit-timeout", dest="exit_timeout", type=int, default=30,
+                        help="seconds requests in flight get to finish on SIGTERM")  # fmt: skip
+    triton.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    triton.add_argument("--workdir", type=Path, default=None, help="where the repository is rendered (temporary)")
+
+
+def serve_openai(args: argparse.Namespace) -> int:
+    """Triton with the repository for the model, and the OpenAI server in front of it."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.model = args.model_tag or args.model
+    try:
+        installation = find_tritonserver()
+        model_dir = str(resolve_model_dir(args.model))
+    except (TritonNotFoundError, ValueError) as error:
+        print(f"vdiff: {error}", file=sys.stderr)
+        return 2
+    address = ServerAddress(args.triton_host, args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
+    try:
+        app = build_proxy(args, model_dir, f"{address.host}:{address.grpc_port}", address.metrics_url)
+    except (ValueError, OSError) as error:
+        print(f"vdiff: {error}", file=sys.stderr)
+        return 2
+    server = make_server(app, args, args.exit_timeout)
+    with _workdir(args.workdir) as workdir:
+        config = _launch_config(args, workdir, address)
+        print(f"vdiff: model {args.model}, OpenAI server on port {args.port}", file=sys.stderr)
+        return run_stack(TritonProcess(installation, config, echo=sys.stderr), server, _public_url(args))
+
+
+def _public_url(args: argparse.Namespace) -> str:
+    scheme = "https" if args.ssl_certfile else "http"
+    host = args.host if args.host not in (None, "", "0.0.0.0", "::") else "127.0.0.1"
+    return f"{scheme}://{host}:{args.port}{args.root_path}"
+
+
+def serve_triton(args: argparse.Namespace) -> int:
+    """Triton alone, serving the repository on its HTTP/gRPC ports."""
     try:
         installation = find_tritonserver()
     except TritonNotFoundError as error:
-        print(f"vdiff serve: {error}", file=sys.stderr)
+        print(f"vdiff triton: {error}", file=sys.stderr)
         return 2
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vdiff-serve-"))
+    address = ServerAddress(args.host, args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
+    with _workdir(args.workdir) as workdir:
+        config = _launch_config(args, workdir, address)
+        print(f"vdiff triton: model {args.model}, repository {config.repository}", file=sys.stderr)
+        return supervise(TritonProcess(installation, config, echo=sys.stderr))
+
+
+@contextlib.contextmanager
+def _workdir(chosen: Path | None) -> Iterator[Path]:
+    """The given work directory, or a temporary one removed afterwards."""
+    workdir = chosen or Path(tempfile.mkdtemp(prefix="vdiff-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        config = LaunchConfig(
-            repository=render_repository(workdir / "model_repository", model_parameters(args)),
-            workdir=workdir,
-            address=ServerAddress(args.host, args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port),
-            exit_timeout_s=args.exit_timeout,
-            startup_timeout_s=args.startup_timeout,
-            extra_args=tuple(args.triton_args),
-        )
-        print(f"vdiff serve: model {args.model}, repository {config.repository}", file=sys.stderr)
-        return supervise(TritonProcess(installation, config, echo=sys.stderr))
+        yield workdir
     finally:
-        if args.workdir is None:
+        if chosen is None:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _launch_config(args: argparse.Namespace, workdir: Path, address: ServerAddress) -> LaunchConfig:
+    return LaunchConfig(
+        repository=render_repository(workdir / "model_repository", model_parameters(args)),
+        workdir=workdir,
+        address=address,
+        exit_timeout_s=args.exit_timeout,
+        startup_timeout_s=args.startup_timeout,
+        extra_args=tuple(args.triton_args),
+    )
 
 
 def triton_env(args: argparse.Namespace) -> int:
@@ -100,18 +173,41 @@ def triton_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def openai_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdiff",
+        description="Serve a masked-diffusion LM with an OpenAI-compatible API (the flags of `vllm serve`). "
+        "Other commands: `vdiff triton` (Triton alone), `vdiff triton-env DIR`.",
+        epilog="Arguments after -- go to tritonserver unchanged.",
+    )
+    add_model_arguments(parser, default_model=DEFAULT_MODEL)
+    add_engine_arguments(parser)
+    add_frontend_arguments(parser)
+    add_ignored_arguments(parser)
+    return parser
+
+
+def triton_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vdiff triton", description="Run the Triton model repository for a model.")
+    add_serve_arguments(parser)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vdiff", description="Serve masked-diffusion language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    serve_parser = commands.add_parser("serve", help="run the Triton model repository for a model")
-    add_serve_arguments(serve_parser)
-    serve_parser.set_defaults(run=serve)
-    env_parser = commands.add_parser("triton-env", help="prepare a backend directory; print the environment")
-    env_parser.add_argument("dir", type=Path, help="where to assemble backends/ (the Python backend and its stub)")
-    env_parser.set_defaults(run=triton_env)
-    args = parser.parse_args(argv)
-    code: int = args.run(args)
-    return code
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
+    if command == "triton-env":
+        env_parser = argparse.ArgumentParser(prog="vdiff triton-env", description="print a bare tritonserver's setup")
+        env_parser.add_argument("dir", type=Path, help="where to assemble backends/ (the Python backend and its stub)")
+        return triton_env(env_parser.parse_args(argv))
+    ours, triton_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    if command == "triton":
+        args = triton_parser().parse_args(ours)
+        args.triton_args = triton_args
+        return serve_triton(args)
+    args = openai_parser().parse_args(ours)
+    args.triton_args = triton_args
+    return serve_openai(args)
 
 
 if __name__ == "__main__":

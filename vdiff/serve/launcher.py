@@ -39,6 +39,10 @@ class ServerAddress:
     def ready_url(self) -> str:
         return f"http://{_url_host(self.host)}:{self.http_port}/v2/health/ready"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.metrics_port}/metrics"
+
 
 @dataclass(frozen=True)
 class LaunchConfig:

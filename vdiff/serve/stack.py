@@ -1,0 +1,71 @@
+"""Triton and the OpenAI server as one service: what `vdiff --model X` runs.
+
+The HTTP port is bound first (as vLLM does), so `/health` answers 503 while the models load and
+200 once Triton's ensemble is ready; the URL is printed then. On SIGTERM or SIGINT the OpenAI
+server stops accepting and lets requests in flight finish (up to the shutdown timeout), then
+Triton drains and stops; the exit code is 0. If tritonserver dies, the OpenAI server is stopped
+and the exit code is non-zero, with Triton's last lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TextIO
+
+from vdiff.serve.launcher import TritonProcess
+from vdiff_client.cli import ProxyServer, stop_on_signals
+
+KILL_GRACE_S = 15  # past Triton's own exit timeout
+
+
+class TritonWatch:
+    """A thread that reports readiness (prints the URL) and stops the HTTP server if Triton dies."""
+
+    def __init__(self, triton: TritonProcess, server: ProxyServer, url: str, out: TextIO) -> None:
+        self.triton = triton
+        self.server = server
+        self.url = url
+        self.out = out
+        self.died = False
+        self.thread = threading.Thread(target=self._watch, name="triton-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _watch(self) -> None:
+        if self.triton.wait_ready(self.out):
+            self.out.write(f"vdiff is serving the OpenAI API at {self.url}/v1 (health: {self.url}/health)\n")
+            self.out.flush()
+        elif self.triton.process.poll() is None and not self.server.should_exit:
+            self.out.write("tritonserver did not become ready in time; stopping\n")
+            self.triton.process.kill()
+        self.triton.process.wait()
+        if not self.server.should_exit:
+            self.died = True
+            self.server.should_exit = True
+
+
+def run_stack(triton: TritonProcess, server: ProxyServer, url: str, out: TextIO = sys.stderr) -> int:
+    watch = TritonWatch(triton, server, url, out)
+    watch.start()
+    timeout = triton.config.exit_timeout_s
+    with stop_on_signals(server, f"\nstopping: draining requests in flight (up to {timeout} s)"):
+        try:
+            server.run()
+        finally:  # also when uvicorn could not bind its port and exits
+            code = _stop_triton(triton, timeout)
+    if watch.died or code not in (0, None):
+        out.write(f"\ntritonserver exited with code {code}; its last lines (full log: {triton.log_path}):\n")
+        out.write(triton.last_lines() + "\n")
+        return code or 1
+    return 0
+
+
+def _stop_triton(triton: TritonProcess, timeout_s: int) -> int:
+    triton.stop()
+    try:
+        return triton.wait(timeout_s + KILL_GRACE_S)
+    except Exception:  # still draining past its own timeout: end it
+        triton.process.kill()
+        return triton.wait()
