@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from make_tiny_model import make_tiny_model, parse_args  # noqa: E402
+from proxy_harness import Proxy, proxy_config, running_proxy  # noqa: E402
 from triton_harness import MAX_NUM_SEQS, MAX_QUEUE_SIZE, Server, start_server  # noqa: E402
 from vdiff import LLM  # noqa: E402
 
@@ -88,3 +89,11 @@ def triton_server(tiny_llada: Path, tmp_path_factory: pytest.TempPathFactory) ->
     yield Server(process.config.address, process)
     process.stop()
     process.wait(60)
+
+
+@pytest.fixture(scope="session")
+def proxy(triton_server: Server, tiny_llada: Path) -> Iterator[Proxy]:
+    """The OpenAI server (in this process) in front of the session's tritonserver."""
+    config = proxy_config(tiny_llada, triton_server.grpc, triton_server.metrics)
+    with running_proxy(config) as running:
+        yield running

@@ -1,4 +1,4 @@
-"""`vdiff serve` as a user runs it: serves, drains on SIGTERM and exits 0; reports a dead server."""
+"""`vdiff triton` as a user runs it: serves, drains on SIGTERM and exits 0; reports a dead server."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from vdiff.serve.launcher import free_loopback_address
 
 
 class ServeProcess:
-    """`python -m vdiff.serve.cli serve ...` with its output read line by line."""
+    """`python -m vdiff.serve.cli triton ...` (Triton alone) with its output read line by line."""
 
     def __init__(self, *args: str) -> None:
         address = free_loopback_address()
         self.http, self.grpc, self.metrics = address.http_port, address.grpc_port, address.metrics_port
-        command = [sys.executable, "-m", "vdiff.serve.cli", "serve", "--torch-num-threads", "1"]
+        command = [sys.executable, "-m", "vdiff.serve.cli", "triton", "--torch-num-threads", "1"]
         command += ["--triton-http-port", str(self.http), "--triton-grpc-port", str(self.grpc)]
         command += ["--triton-metrics-port", str(self.metrics), "--exit-timeout", "20", *args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -55,7 +55,9 @@ def test_tokenizer_encodes_and_refuses_bad_requests(tiny_llada: Path, monkeypatc
     assert "algorithm must be one of" in responses[2].error().message()
 
 
-def test_tokenizer_passes_token_ids_through_after_checking_them(tiny_llada: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tokenizer_passes_token_ids_through_after_checking_them(
+    tiny_llada: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = load_model("tokenizer", tiny_llada, monkeypatch)
     vocab = Tokenizer.load(tiny_llada).vocab_size
     ids = np.array([[5, 6, 7]], dtype=np.int32)

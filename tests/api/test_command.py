@@ -1,0 +1,105 @@
+"""The `vdiff` command as a user runs it: vLLM's flags, health while loading, the README example, SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from vdiff.serve.cli import openai_parser
+from vdiff.serve.launcher import free_loopback_address
+from vdiff_client.args import IGNORED_FLAGS, ignored_flags_given
+from vdiff_client.tokenizer import parse_max_model_len
+
+
+def test_vllm_serve_flags_parse() -> None:
+    args = openai_parser().parse_args(
+        [
+            "/models/x",
+            "--served-model-name",
+            "a",
+            "b",
+            "--max-model-len",
+            "4K",
+            "--api-key",
+            "k1",
+            "k2",
+            "--allowed-origins",
+            '["https://a.example"]',
+            "--ssl-cert-reqs",
+            "0",
+            "--max-num-queued-reqs",
+            "7",
+            "--disable-log-requests",
+            "--generation-config",
+            "vllm",
+            "-tp",
+            "2",
+            "--gpu-memory-utilization",
+            "0.9",
+            "--enable-prefix-caching",
+            "--enforce-eager",
+            "--quantization",
+            "awq",
+        ]  # fmt: skip
+    )
+    assert args.model_tag == "/models/x" and args.served_model_name == ["a", "b"]
+    assert args.api_key == ["k1", "k2"] and args.allowed_origins == ("https://a.example",)
+    assert args.max_queue_size == 7
+    assert ignored_flags_given(args) == [
+        "--tensor-parallel-size", "--gpu-memory-utilization", "--quantization", "--enable-prefix-caching",
+        "--enforce-eager"]  # fmt: skip
+    every = [names[0] for names, takes_value in IGNORED_FLAGS if not takes_value]
+    assert len(ignored_flags_given(openai_parser().parse_args(every))) == len(every)
+
+
+@pytest.mark.parametrize(("text", "length"), [("2048", 2048), ("1k", 1000), ("1K", 1024), ("25.6k", 25600)])
+def test_max_model_len_sizes(text: str, length: int) -> None:
+    assert parse_max_model_len(text) == length
+
+
+def test_max_model_len_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="--max-model-len"):
+        parse_max_model_len("lots")
+
+
+def test_one_command_serves_the_readme_example_and_stops_on_sigterm(tiny_llada: Path) -> None:
+    port = free_loopback_address().http_port
+    triton = free_loopback_address()
+    command = [sys.executable, "-m", "vdiff.serve.cli", "--model", str(tiny_llada), "--port", str(port),
+               "--host", "127.0.0.1", "--served-model-name", "tiny", "--torch-num-threads", "1", "-tp", "1",
+               "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
+               "--triton-metrics-port", str(triton.metrics_port), "--shutdown-timeout", "10"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        statuses = []
+        deadline = time.monotonic() + 180
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline and process.poll() is None, "vdiff did not become healthy"
+            with contextlib.suppress(httpx.TransportError):
+                statuses.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code)
+            time.sleep(0.2)
+        assert 503 in statuses  # the port is bound before the model is ready
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
+        completion = client.completions.create(model="tiny", prompt="Hello", max_tokens=8)
+        assert completion.choices[0].finish_reason in ("stop", "length") and completion.model == "tiny"
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
+        )
+        assert [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert "--tensor-parallel-size is accepted for vLLM compatibility and ignored" in output
+    assert f"vdiff is serving the OpenAI API at http://127.0.0.1:{port}/v1" in output
+    leftover = subprocess.run(["pgrep", "-f", f"--grpc-port={triton.grpc_port}"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == "", "tritonserver outlived vdiff"
