@@ -30,28 +30,15 @@ COMMANDS = ("serve", "triton", "triton-env")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`vdiff triton`: the model, the engine, and Triton's own addresses (`--host` is Triton's)."""
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model directory, Hub id or shipped name ({DEFAULT_MODEL})"
     )
     model.add_argument("--tokenizer", default="", help="separate tokenizer directory or Hub id")
-    model.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
-    model.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     model.add_argument("--trust-remote-code", action="store_true")
-    engine = parser.add_argument_group("engine")
-    engine.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together")
-    engine.add_argument("--max-queue-size", type=int, default=32, help="waiting requests before UNAVAILABLE")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=None)
-    engine.add_argument("--torch-num-threads", type=int, default=0, help="0: one per core")
-    engine.add_argument("--seed", type=int, default=0)
-    triton = parser.add_argument_group("triton")
-    triton.add_argument("--host", default="127.0.0.1", help="address Triton binds (0.0.0.0 for every interface)")
-    triton.add_argument("--triton-http-port", type=int, default=8100)
-    triton.add_argument("--triton-grpc-port", type=int, default=8101)
-    triton.add_argument("--triton-metrics-port", type=int, default=8102)
-    triton.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain requests on shutdown")
-    triton.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
-    triton.add_argument("--workdir", type=Path, default=None, help="where the repository is rendered (temporary)")
+    add_engine_arguments(parser)
+    add_triton_arguments(parser, "--host")
 
 
 def model_parameters(args: argparse.Namespace) -> dict[str, str]:
@@ -77,12 +64,16 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     engine.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together")
     engine.add_argument("--max-queue-size", "--max-num-queued-reqs", dest="max_queue_size", type=int, default=32,
-                        help="waiting requests beyond which a request gets 503")  # fmt: skip
+                        help="waiting requests beyond which a request is refused (503, UNAVAILABLE)")  # fmt: skip
     engine.add_argument("--max-num-batched-tokens", type=int, default=None)
     engine.add_argument("--torch-num-threads", type=int, default=0, help="0: one per core")
     engine.add_argument("--seed", type=int, default=0)
-    triton = parser.add_argument_group("triton (internal ports, bound to --triton-host)")
-    triton.add_argument("--triton-host", default="127.0.0.1")
+
+
+def add_triton_arguments(parser: argparse.ArgumentParser, host_flag: str) -> None:
+    """Triton's addresses and lifetime; `host_flag` names the bind address (`--host` when Triton serves alone)."""
+    triton = parser.add_argument_group("triton")
+    triton.add_argument(host_flag, dest="triton_host", default="127.0.0.1", help="address Triton binds")
     triton.add_argument("--triton-http-port", type=int, default=8100)
     triton.add_argument("--triton-grpc-port", type=int, default=8101)
     triton.add_argument("--triton-metrics-port", type=int, default=8102)
@@ -90,6 +81,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds requests in flight get to finish on SIGTERM")  # fmt: skip
     triton.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for readiness")
     triton.add_argument("--workdir", type=Path, default=None, help="where the repository is rendered (temporary)")
+
+
+def triton_address(args: argparse.Namespace) -> ServerAddress:
+    return ServerAddress(args.triton_host, args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
 
 
 def serve_openai(args: argparse.Namespace) -> int:
@@ -102,7 +97,7 @@ def serve_openai(args: argparse.Namespace) -> int:
     except (TritonNotFoundError, ValueError) as error:
         print(f"vdiff: {error}", file=sys.stderr)
         return 2
-    address = ServerAddress(args.triton_host, args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
+    address = triton_address(args)
     try:
         app = build_proxy(args, model_dir, f"{address.host}:{address.grpc_port}", address.metrics_url)
     except (ValueError, OSError) as error:
@@ -128,9 +123,8 @@ def serve_triton(args: argparse.Namespace) -> int:
     except TritonNotFoundError as error:
         print(f"vdiff triton: {error}", file=sys.stderr)
         return 2
-    address = ServerAddress(args.host, args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
     with _workdir(args.workdir) as workdir:
-        config = _launch_config(args, workdir, address)
+        config = _launch_config(args, workdir, triton_address(args))
         print(f"vdiff triton: model {args.model}, repository {config.repository}", file=sys.stderr)
         return supervise(TritonProcess(installation, config, echo=sys.stderr))
 
@@ -182,6 +176,7 @@ def openai_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(parser, default_model=DEFAULT_MODEL)
     add_engine_arguments(parser)
+    add_triton_arguments(parser, "--triton-host")
     add_frontend_arguments(parser)
     add_ignored_arguments(parser)
     return parser
