@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from vdiff_client.errors import bad_request
-from vdiff_client.generation import Event, Generation, Prompt, make_jobs
+from vdiff_client.generation import Event, Generation, Prompt
 from vdiff_client.protocol import ChatCompletionRequest, ChatMessage, TextPart
 from vdiff_client.responses import (
     AssistantMessage,
@@ -19,7 +19,6 @@ from vdiff_client.responses import (
     random_id,
     usage,
 )
-from vdiff_client.sampling import check_context, check_sampling, check_supported, ensemble_values
 from vdiff_client.serving import Serving, StreamUsage, sse_stream
 
 
@@ -63,15 +62,10 @@ class ChatServing(Serving):
         return message_text(last.content) if request.echo and last.role == role else ""
 
     def generation(self, request: ChatCompletionRequest, request_id: str) -> tuple[Generation, Prompt]:
-        check_supported(request)
         max_tokens = request.max_new_tokens()
-        check_sampling(request, max_tokens, self.config.sampling_defaults)
+        self.check_request(request, max_tokens)
         prompt = self.prompt(request)
-        check_context(len(prompt.ids), max_tokens, self.tokenizer.max_model_len)
-        jobs = make_jobs(
-            request_id, [prompt], request.n, lambda p, i: ensemble_values(request, p.ids, max_tokens, i, self.config)
-        )
-        return Generation(self.backend, jobs, self.metrics.track(request.n, len(jobs))), prompt
+        return self.start(request, request_id, [prompt], max_tokens), prompt
 
     async def create(
         self, request: ChatCompletionRequest, request_id: str

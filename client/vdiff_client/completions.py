@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from vdiff_client.errors import bad_request
-from vdiff_client.generation import Event, Generation, Prompt, make_jobs
+from vdiff_client.generation import Event, Generation, Prompt
 from vdiff_client.protocol import CompletionRequest
 from vdiff_client.responses import (
     CompletionChoice,
@@ -16,7 +16,6 @@ from vdiff_client.responses import (
     random_id,
     usage,
 )
-from vdiff_client.sampling import check_context, check_sampling, check_supported, ensemble_values
 from vdiff_client.serving import Serving, StreamUsage, sse_stream
 
 EMPTY_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty."
@@ -33,31 +32,20 @@ class CompletionServing(Serving):
             items = [list(raw)]  # type: ignore[arg-type]
         else:
             items = list(raw)  # type: ignore[arg-type]
-        return [self._prompt(item, request.add_special_tokens) for item in items]
+        return [self._prompt(item, request) for item in items]
 
-    def _prompt(self, item: str | list[int], add_special_tokens: bool) -> Prompt:
-        if isinstance(item, str):
-            if not item:
-                raise bad_request(EMPTY_PROMPT, "prompt")
-            return Prompt(self.tokenizer.encode(item, add_special_tokens), item)
+    def _prompt(self, item: str | list[int], request: CompletionRequest) -> Prompt:
         if not item:
             raise bad_request(EMPTY_PROMPT, "prompt")
+        if isinstance(item, str):
+            return Prompt(self.tokenizer.encode(item, request.add_special_tokens), item)
         self.tokenizer.check_ids(item)
-        return Prompt(item, self.tokenizer.decode(item))
+        return Prompt(item, self.tokenizer.decode(item) if request.echo else "")  # the text only serves echo
 
     def generation(self, request: CompletionRequest, request_id: str) -> tuple[Generation, list[Prompt]]:
-        check_supported(request)
-        check_sampling(request, request.max_tokens, self.config.sampling_defaults)
+        self.check_request(request, request.max_tokens)
         prompts = self.prompts(request)
-        for prompt in prompts:
-            check_context(len(prompt.ids), request.max_tokens, self.tokenizer.max_model_len)
-        jobs = make_jobs(
-            request_id,
-            prompts,
-            request.n,
-            lambda prompt, i: ensemble_values(request, prompt.ids, request.max_tokens, i, self.config),
-        )
-        return Generation(self.backend, jobs, self.metrics.track(request.n, len(jobs))), prompts
+        return self.start(request, request_id, prompts, request.max_tokens), prompts
 
     async def create(self, request: CompletionRequest, request_id: str) -> CompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)

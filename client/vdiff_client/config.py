@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,6 @@ class ProxyConfig:
     max_log_len: int | None = None
     ensemble: str = "vdiff"
     denoiser: str = "diffusion_denoise"
-    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # filled from generation_config
 
     def __post_init__(self) -> None:
         if not self.served_model_names or any(not name for name in self.served_model_names):
@@ -52,7 +52,7 @@ class ProxyConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
-        object.__setattr__(self, "sampling_defaults", self._defaults())
+        _ = self.sampling_defaults  # a --generation-config directory without the file fails here, at start-up
 
     @property
     def model_name(self) -> str:
@@ -63,7 +63,9 @@ class ProxyConfig:
         """`auto` leaves the model's defaults to the engine, which reads the same file."""
         return self.generation_config != "auto"
 
-    def _defaults(self) -> dict[str, Any]:
+    @functools.cached_property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The defaults of unset sampling fields, as ensemble inputs (from `generation_config`)."""
         if self.generation_config == "vllm":
             return dict(VLLM_SAMPLING_DEFAULTS)
         folder = self.model_dir if self.generation_config == "auto" else self.generation_config

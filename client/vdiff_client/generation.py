@@ -38,19 +38,19 @@ class Job:
 class ChoiceResult:
     """A choice accumulated to its end (non-streaming answers)."""
 
-    text: str = ""
-    prompt_tokens: int = 0
+    parts: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
-    parts: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
     def add(self, delta: Delta) -> None:
         self.parts.append(delta.text)
-        self.prompt_tokens = delta.prompt_tokens
         self.completion_tokens += delta.new_tokens
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
-            self.text = "".join(self.parts)
 
 
 class Generation:

@@ -14,7 +14,7 @@ from typing import Any
 
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import bad_request, not_supported
-from vdiff_client.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from vdiff_client.protocol import SamplingFields
 
 UINT64 = 2**64
 MAX_TEMPERATURE = 2
@@ -112,12 +112,6 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -
             f"({max_tokens} > {max_model_len} - {prompt_len}).",
             "max_tokens",
         )
-
-
-def max_new_tokens(request: CompletionRequest | ChatCompletionRequest) -> int | None:
-    if isinstance(request, ChatCompletionRequest):
-        return request.max_new_tokens()
-    return request.max_tokens
 
 
 def ensemble_values(

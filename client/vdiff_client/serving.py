@@ -1,4 +1,4 @@
-"""What completions and chat share: the model check, usage in streams, SSE framing."""
+"""What completions and chat share: the model check, request checks, starting the choices, stream usage, SSE."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ from collections.abc import AsyncIterator
 
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import APIError, model_not_found
+from vdiff_client.generation import Generation, Prompt, make_jobs
 from vdiff_client.metrics import ProxyMetrics
 from vdiff_client.protocol import SamplingFields, StreamOptions
 from vdiff_client.responses import UsageInfo, usage
+from vdiff_client.sampling import check_context, check_sampling, check_supported, ensemble_values
 from vdiff_client.tokenizer import ProxyTokenizer
 from vdiff_client.triton import Delta, TritonBackend
 
@@ -31,6 +33,22 @@ class Serving:
         """An empty or missing model means the served one, as in vLLM."""
         if name and name not in self.config.served_model_names:
             raise model_not_found(name)
+
+    def check_request(self, request: SamplingFields, max_tokens: int | None) -> None:
+        """Refused features and vLLM's sampling rules, before any tokenizing."""
+        check_supported(request)
+        check_sampling(request, max_tokens, self.config.sampling_defaults)
+
+    def start(
+        self, request: SamplingFields, request_id: str, prompts: list[Prompt], max_tokens: int | None
+    ) -> Generation:
+        """The n choices of each prompt, after the context check, ready to run on Triton."""
+        for prompt in prompts:
+            check_context(len(prompt.ids), max_tokens, self.tokenizer.max_model_len)
+        jobs = make_jobs(
+            request_id, prompts, request.n, lambda p, i: ensemble_values(request, p.ids, max_tokens, i, self.config)
+        )
+        return Generation(self.backend, jobs, self.metrics.track(request.n, len(jobs)))
 
     def stream_usage_wanted(self, request: SamplingFields) -> bool:
         options = request.stream_options
