@@ -131,9 +131,9 @@ def read_counters(metrics_url: str) -> dict[str, float]:
 
 
 def measure(mix: Mix, concurrency: int, server: ServerAddress, data: Path, requests: int, work: Path) -> dict[str, Any]:
-    metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    metrics_url = server.metrics_url
     before = read_counters(metrics_url)
-    row = run_perf_analyzer(f"127.0.0.1:{server.grpc_port}", data, concurrency, requests, work / "perf.csv")
+    row = run_perf_analyzer(server.grpc_target, data, concurrency, requests, work / "perf.csv")
     after = read_counters(metrics_url)
     delta = {name: after[name] - before[name] for name in COUNTERS}
     nfe, steps = delta["vdiff:nfe_total"], delta["vdiff:denoising_step_seconds_count"]

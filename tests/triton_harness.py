@@ -24,15 +24,15 @@ class Server:
 
     @property
     def grpc(self) -> str:
-        return f"127.0.0.1:{self.address.grpc_port}"
+        return self.address.grpc_target
 
     @property
     def http(self) -> str:
-        return f"http://127.0.0.1:{self.address.http_port}"
+        return self.address.http_url
 
     @property
     def metrics(self) -> str:
-        return f"http://127.0.0.1:{self.address.metrics_port}/metrics"
+        return self.address.metrics_url
 
 
 def start_server(model: Path, workdir: Path, **parameters: str) -> TritonProcess:

@@ -99,7 +99,7 @@ def serve_openai(args: argparse.Namespace) -> int:
         return 2
     address = triton_address(args)
     try:
-        app = build_proxy(args, model_dir, f"{address.host}:{address.grpc_port}", address.metrics_url)
+        app = build_proxy(args, model_dir, address.grpc_target, address.metrics_url)
     except (ValueError, OSError) as error:
         print(f"vdiff: {error}", file=sys.stderr)
         return 2

@@ -36,12 +36,20 @@ class ServerAddress:
     metrics_port: int = 8102
 
     @property
-    def ready_url(self) -> str:
-        return f"http://{_url_host(self.host)}:{self.http_port}/v2/health/ready"
+    def http_url(self) -> str:
+        return f"http://{_url_host(self.host)}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{_url_host(self.host)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
         return f"http://{_url_host(self.host)}:{self.metrics_port}/metrics"
+
+    @property
+    def ready_url(self) -> str:
+        return f"{self.http_url}/v2/health/ready"
 
 
 @dataclass(frozen=True)
@@ -225,10 +233,9 @@ class _ProgressLine:
 
 
 def _print_endpoints(address: ServerAddress, out: TextIO) -> None:
-    host = _url_host(address.host)
     out.write(
-        f"vdiff is serving: HTTP http://{host}:{address.http_port}/v2/models/vdiff/generate[_stream], "
-        f"gRPC {host}:{address.grpc_port}, metrics http://{host}:{address.metrics_port}/metrics\n"
+        f"vdiff is serving: HTTP {address.http_url}/v2/models/vdiff/generate[_stream], "
+        f"gRPC {address.grpc_target}, metrics {address.metrics_url}\n"
     )
     out.flush()
 
