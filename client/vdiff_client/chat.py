@@ -7,7 +7,7 @@ from typing import Any
 
 from vdiff_client.errors import bad_request
 from vdiff_client.generation import Event, Generation, Prompt
-from vdiff_client.protocol import ChatCompletionRequest, ChatMessage, TextPart
+from vdiff_client.protocol import ChatCompletionRequest, ChatMessage, TextPart, TokenizeRequest
 from vdiff_client.responses import (
     AssistantMessage,
     ChatChoice,
@@ -20,6 +20,7 @@ from vdiff_client.responses import (
     usage,
 )
 from vdiff_client.serving import Serving, StreamUsage, sse_stream
+from vdiff_client.tokenizer import ProxyTokenizer
 
 
 def message_text(content: str | list[TextPart] | None) -> str:
@@ -40,17 +41,24 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     ]
 
 
+def render_messages(
+    tokenizer: ProxyTokenizer, request: ChatCompletionRequest | TokenizeRequest, messages: list[ChatMessage]
+) -> str:
+    """The prompt text of a chat (completions and /tokenize take the same template options)."""
+    return tokenizer.render_chat(
+        template_messages(messages),
+        request.add_generation_prompt,
+        request.continue_final_message,
+        request.chat_template,
+        request.chat_template_kwargs,
+    )
+
+
 class ChatServing(Serving):
     def prompt(self, request: ChatCompletionRequest) -> Prompt:
         if not request.messages:
             raise bad_request("messages must hold at least one message", "messages")
-        text = self.tokenizer.render_chat(
-            template_messages(request.messages),
-            request.add_generation_prompt,
-            request.continue_final_message,
-            request.chat_template,
-            request.chat_template_kwargs,
-        )
+        text = render_messages(self.tokenizer, request, request.messages)
         return Prompt(self.tokenizer.encode(text, request.add_special_tokens), text)
 
     def role(self, request: ChatCompletionRequest) -> str:

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdiff_client import __version__
-from vdiff_client.chat import ChatServing, template_messages
+from vdiff_client.chat import ChatServing, render_messages
 from vdiff_client.completions import CompletionServing
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import install_error_handlers
@@ -220,14 +220,7 @@ async def answer(raw: Request, work: Awaitable[Any]) -> Any:
 
 def tokenize_request(tokenizer: ProxyTokenizer, request: TokenizeRequest) -> list[int]:
     if request.messages is not None:
-        text = tokenizer.render_chat(
-            template_messages(request.messages),
-            request.add_generation_prompt,
-            request.continue_final_message,
-            request.chat_template,
-            request.chat_template_kwargs,
-        )
-        return tokenizer.encode(text, bool(request.add_special_tokens))
+        return tokenizer.encode(render_messages(tokenizer, request, request.messages), bool(request.add_special_tokens))
     special = True if request.add_special_tokens is None else request.add_special_tokens
     return tokenizer.encode(request.prompt or "", special)
 
