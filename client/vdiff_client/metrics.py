@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -70,33 +71,39 @@ def buckets_1_2_5(limit: int) -> list[float]:
 
 
 class ProxyMetrics:
+    """The families, each already bound to this server's labels (one model, engine "0")."""
+
     def __init__(self, model_name: str, max_model_len: int, triton_metrics_url: str | None) -> None:
-        self.registry = CollectorRegistry()
-        self.labels = {"model_name": model_name, "engine": "0"}
-        r = self.registry
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", LABELS, registry=r)
-        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", LABELS, registry=r)
-        self.success = Counter("vllm:request_success", "Finished requests.", (*LABELS, "finished_reason"), registry=r)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "TTFT.", LABELS, buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "ITL.", LABELS, buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram(
-            "vllm:e2e_request_latency_seconds", "End-to-end latency.", LABELS, buckets=LATENCY_BUCKETS, registry=r
-        )
+        self.registry = r = CollectorRegistry()
+        self.labels = labels = {"model_name": model_name, "engine": "0"}
         length = buckets_1_2_5(max_model_len)
-        self.request_prompt = Histogram(
-            "vllm:request_prompt_tokens", "Prompt tokens per request.", LABELS, buckets=length, registry=r
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Any:
+            return Histogram(name, doc, LABELS, buckets=buckets, registry=r).labels(**labels)
+
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", LABELS, registry=r).labels(
+            **labels
         )
-        self.request_generation = Histogram(
-            "vllm:request_generation_tokens", "Generated tokens per request.", LABELS, buckets=length, registry=r
+        self.generation_tokens = Counter("vllm:generation_tokens", "Generated tokens.", LABELS, registry=r).labels(
+            **labels
         )
-        self.params_n = Histogram("vllm:request_params_n", "The n parameter.", LABELS, buckets=N_BUCKETS, registry=r)
-        for reason in FINISH_REASONS:
-            self.success.labels(**self.labels, finished_reason=reason)
+        self.success = Counter("vllm:request_success", "Finished requests.", (*LABELS, "finished_reason"), registry=r)
+        for reason in FINISH_REASONS:  # every series exists from the start, at 0
+            self.success.labels(**labels, finished_reason=reason)
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "TTFT.", TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "ITL.", ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "End-to-end latency.", LATENCY_BUCKETS)
+        self.request_prompt = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", length)
+        self.request_generation = histogram("vllm:request_generation_tokens", "Generated tokens per request.", length)
+        self.params_n = histogram("vllm:request_params_n", "The n parameter.", N_BUCKETS)
         if triton_metrics_url:
-            r.register(EngineGauges(triton_metrics_url, self.labels))
+            r.register(EngineGauges(triton_metrics_url, labels))
+
+    def finished(self, reason: str, count: int = 1) -> None:
+        self.success.labels(**self.labels, finished_reason=reason).inc(count)
 
     def track(self, n: int, choices: int) -> RequestTracker:
-        self.params_n.labels(**self.labels).observe(n)
+        self.params_n.observe(n)
         return RequestTracker(self, choices)
 
 
@@ -110,32 +117,30 @@ class RequestTracker:
         self.tokens = dict.fromkeys(range(choices), 0)  # the unfinished choices' generated tokens
 
     def on_delta(self, index: int, delta: Delta) -> None:
-        m, labels = self.metrics, self.metrics.labels
+        m = self.metrics
         now = time.monotonic()
         if delta.new_tokens:
             previous = self.last_text_at.get(index)
             if previous is None:
-                m.ttft.labels(**labels).observe(now - self.started)
+                m.ttft.observe(now - self.started)
             else:
                 for _ in range(delta.new_tokens):
-                    m.itl.labels(**labels).observe((now - previous) / delta.new_tokens)
+                    m.itl.observe((now - previous) / delta.new_tokens)
             self.last_text_at[index] = now
-            m.generation_tokens.labels(**labels).inc(delta.new_tokens)
+            m.generation_tokens.inc(delta.new_tokens)
         self.tokens[index] += delta.new_tokens
         if delta.finish_reason is not None:
-            m.prompt_tokens.labels(**labels).inc(delta.prompt_tokens)
-            m.request_prompt.labels(**labels).observe(delta.prompt_tokens)
-            m.request_generation.labels(**labels).observe(self.tokens[index])
-            m.e2e.labels(**labels).observe(now - self.started)
-            m.success.labels(**labels, finished_reason=delta.finish_reason).inc()
-            self.tokens.pop(index)
+            m.prompt_tokens.inc(delta.prompt_tokens)
+            m.request_prompt.observe(delta.prompt_tokens)
+            m.request_generation.observe(self.tokens.pop(index))
+            m.e2e.observe(now - self.started)
+            m.finished(delta.finish_reason)
 
     def on_abort(self) -> None:
         """The choices that never finished (client gone, error) end as aborted."""
-        m, labels = self.metrics, self.metrics.labels
-        for _ in self.tokens:
-            m.success.labels(**labels, finished_reason="abort").inc()
-        self.tokens.clear()
+        if self.tokens:
+            self.metrics.finished("abort", len(self.tokens))
+            self.tokens.clear()
 
 
 class EngineGauges:
