@@ -9,6 +9,7 @@ and the exit code is non-zero, with Triton's last lines.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
 from typing import TextIO
@@ -66,6 +67,6 @@ def _stop_triton(triton: TritonProcess, timeout_s: int) -> int:
     triton.stop()
     try:
         return triton.wait(timeout_s + KILL_GRACE_S)
-    except Exception:  # still draining past its own timeout: end it
+    except subprocess.TimeoutExpired:  # still draining past its own timeout: end it
         triton.process.kill()
         return triton.wait()
