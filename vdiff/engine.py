@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -53,13 +54,22 @@ class Engine:
 
     @torch.inference_mode()
     def add_request(
-        self, prompt: str | Sequence[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
     ) -> str:
-        """Queue a prompt (text, tokenised without special tokens, or token ids); returns its id."""
+        """Queue a prompt (text, tokenised without special tokens, or token ids); returns its id.
+
+        `arrival_time` (time.perf_counter()) is when the request reached the server, if before now:
+        queue time counts from it.
+        """
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = self._new_request(request_id, self._prompt_ids(prompt), params or SamplingParams())
+        request.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -156,4 +166,5 @@ def _output(request: Request, new_token_ids: list[int]) -> RequestOutput:
         request.nfe,
         request.finish_reason,
         request.stop_reason,
+        None if request.scheduled_time is None else request.scheduled_time - request.arrival_time,
     )

@@ -18,6 +18,7 @@ class RequestOutput:
     nfe: int
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
+    queue_time: float | None = None  # seconds from arrival to the first denoising step; None: never ran
 
     @property
     def finished(self) -> bool:

@@ -38,7 +38,8 @@ class Request:
     generator: torch.Generator  # per-request RNG: results do not depend on the other requests in the batch
     stop_ids: frozenset[int]  # token ids that end the answer (EOS, end of turn, stop_token_ids)
     mask_id: int
-    arrival_time: float = 0.0
+    arrival_time: float = 0.0  # time.perf_counter() when it reached the engine (or its server)
+    scheduled_time: float | None = None  # when the scheduler admitted it to the running batch
 
     # schedule position, advanced by the strategy
     block: int = 0

@@ -7,6 +7,7 @@ wait in FIFO order. Pure bookkeeping: no tensors, no model.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from vdiff.request import Request, RequestStatus
@@ -27,6 +28,7 @@ class Scheduler:
         while self.waiting and self._can_admit(self.waiting[0]):
             request = self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.scheduled_time = time.perf_counter()
             request.strategy.start(request)
             self.running.append(request)
         return self.running

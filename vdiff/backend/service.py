@@ -57,6 +57,7 @@ class Update:
     prompt_text: str  # the echoed prompt, in the first response of an echo request only
     prompt_tokens: int
     step_index: int  # the request's forward evaluations so far
+    queue_time: float  # seconds from arrival to the first denoising step; -1: it never ran
     finish_reason: str  # "" until the last response: stop, length or abort
 
 
@@ -196,7 +197,9 @@ class DenoiseService:
 
     def _add(self, stream: Stream) -> None:
         try:
-            self.engine.add_request(stream.prompt_ids, stream.params, request_id=stream.key)
+            self.engine.add_request(
+                stream.prompt_ids, stream.params, request_id=stream.key, arrival_time=stream.arrived
+            )
         except ValueError as error:
             self._refuse(stream, ErrorKind.INVALID_ARG, name_inputs(str(error)))
             return
@@ -278,6 +281,7 @@ class DenoiseService:
             prompt_text=echo,
             prompt_tokens=len(stream.prompt_ids),
             step_index=output.nfe,
+            queue_time=-1.0 if output.queue_time is None else output.queue_time,
             finish_reason=output.finish_reason or "",
         )
         stream.sent_chars, stream.sent_tokens = len(output.text), len(output.token_ids)

@@ -36,6 +36,7 @@ def denoiser_outputs(update: Update) -> dict[str, np.ndarray]:
         "NUM_INPUT_TOKENS": _int(update.prompt_tokens),
         "NUM_OUTPUT_TOKENS": _int(update.new_tokens),
         "STEP_INDEX": _int(update.step_index),
+        "QUEUE_TIME": np.array([[update.queue_time]], dtype=np.float32),
         "FINISH_REASON": _text(update.finish_reason),
         "REQUEST_KEY": _text(update.key),
     }
@@ -51,6 +52,7 @@ def detokenizer_outputs(tokenizer: Tokenizer, inputs: Mapping[str, np.ndarray]) 
         "NUM_INPUT_TOKENS": inputs["NUM_INPUT_TOKENS"].reshape(1, 1).astype(np.int32),
         "NUM_OUTPUT_TOKENS": inputs["NUM_OUTPUT_TOKENS"].reshape(1, 1).astype(np.int32),
         "STEP_INDEX": inputs["STEP_INDEX"].reshape(1, 1).astype(np.int32),
+        "QUEUE_TIME": inputs["QUEUE_TIME"].reshape(1, 1).astype(np.float32),
         "FINISH_REASON": inputs["FINISH_REASON"].reshape(1, 1),
     }
 
