@@ -86,6 +86,13 @@ def json_list(text: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("model_tag", nargs="?", default=None, help="the model (overrides --model), as in `vllm serve`")
@@ -128,6 +135,11 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--disable-log-requests", action="store_true", help="deprecated in vLLM; the default")
     http.add_argument("--max-log-len", type=int, default=None)
     http.add_argument("--h11-max-incomplete-event-size", type=int, default=4 * 1024 * 1024)
+    limits = parser.add_argument_group("rate limits (per API key, or per client address without keys)")
+    limits.add_argument("--rate-limit-rpm", type=positive_int, default=None,
+                        help="generation requests per minute; over it: 429 + Retry-After (default: off)")  # fmt: skip
+    limits.add_argument("--rate-limit-tpm", type=positive_int, default=None,
+                        help="tokens per minute: prompt + max_tokens, settled to real use (default: off)")  # fmt: skip
 
 
 def add_ignored_arguments(parser: argparse.ArgumentParser) -> None:

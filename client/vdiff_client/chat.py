@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from vdiff_client.calls import Call
 from vdiff_client.errors import bad_request
 from vdiff_client.generation import Event, Generation, Prompt
 from vdiff_client.protocol import ChatCompletionRequest, ChatMessage, TextPart, TokenizeRequest
@@ -69,18 +70,18 @@ class ChatServing(Serving):
         last = request.messages[-1]
         return message_text(last.content) if request.echo and last.role == role else ""
 
-    def generation(self, request: ChatCompletionRequest, request_id: str) -> tuple[Generation, Prompt]:
+    def generation(self, request: ChatCompletionRequest, call: Call, request_id: str) -> tuple[Generation, Prompt]:
         max_tokens = request.max_new_tokens()
         self.check_request(request, max_tokens)
         prompt = self.prompt(request)
-        return self.start(request, request_id, [prompt], max_tokens), prompt
+        return self.start(request, call, request_id, [prompt], max_tokens), prompt
 
     async def create(
-        self, request: ChatCompletionRequest, request_id: str
+        self, request: ChatCompletionRequest, call: Call, request_id: str
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)
         request_id = f"chatcmpl-{request_id}" if request_id else random_id("chatcmpl")
-        generation, prompt = self.generation(request, request_id)
+        generation, prompt = self.generation(request, call, request_id)
         role = self.role(request)
         if request.stream:
             events = await generation.started()

@@ -3,7 +3,8 @@
     vdiff-proxy --triton-url 127.0.0.1:8101 --model /models/LLaDA-8B-Instruct --port 8000
 
 (`vdiff --model X` starts Triton and this server together.) `ProxyServer` runs uvicorn without
-its own signal handling: whoever owns the process decides how a signal drains.
+its own signal handling: the first SIGTERM/SIGINT starts the app's drain (calls.py), which stops
+the server once requests in flight are done; a second one stops it at once.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from vdiff_client.args import (
     ignored_flags_given,
     uvicorn_options,
 )
+from vdiff_client.calls import ABORT_GRACE_S, Drain
 from vdiff_client.config import ProxyConfig
+from vdiff_client.ratelimit import RateLimits
 from vdiff_client.server import HTTPSettings, build_app
 from vdiff_client.tokenizer import ProxyTokenizer, model_max_length, parse_max_model_len
 
@@ -35,6 +38,10 @@ log = logging.getLogger("vdiff_client")
 
 
 class ProxyServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain  # the app's; a signal starts it
+
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield  # signals are handled by the caller (see `serve_until_signal`)
@@ -72,6 +79,8 @@ def proxy_config(args: argparse.Namespace, model_dir: str, triton_url: str, metr
         enable_request_id_headers=args.enable_request_id_headers,
         enable_log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
+        rate_limits=RateLimits(args.rate_limit_rpm, args.rate_limit_tpm),
+        shutdown_timeout_s=args.exit_timeout,
     )
 
 
@@ -96,22 +105,29 @@ def build_proxy(args: argparse.Namespace, model_dir: str, triton_url: str, metri
     return build_app(config, tokenizer, http_settings(args))
 
 
-def make_server(app: FastAPI, args: argparse.Namespace, graceful_timeout_s: int | None) -> ProxyServer:
+def make_server(app: FastAPI, args: argparse.Namespace) -> ProxyServer:
+    """uvicorn for `app`; the drain has already waited for requests when uvicorn's own shutdown starts."""
     options = uvicorn_options(args)
-    config = uvicorn.Config(app, timeout_graceful_shutdown=graceful_timeout_s, timeout_keep_alive=5, **options.kwargs())
-    return ProxyServer(config)
+    config = uvicorn.Config(app, timeout_graceful_shutdown=int(ABORT_GRACE_S), timeout_keep_alive=5, **options.kwargs())
+    return ProxyServer(config, app.state.drain)
 
 
 @contextlib.contextmanager
-def stop_on_signals(server: uvicorn.Server, on_first: str) -> Iterator[None]:
-    """First SIGTERM/SIGINT: stop accepting and drain; a second one: stop now."""
+def stop_on_signals(server: ProxyServer, on_first: str) -> Iterator[None]:
+    """First SIGTERM/SIGINT: drain (new requests 503, /health 503, requests in flight finish), then
+    stop; a second one: stop now."""
+    drain = server.drain
+    drain.on_drained = lambda: setattr(server, "should_exit", True)
+    signalled = False
 
     def handle(signum: int, frame: FrameType | None) -> None:
-        if server.should_exit:
-            server.force_exit = True
+        nonlocal signalled
+        if signalled or server.should_exit:
+            server.should_exit = server.force_exit = True
             return
+        signalled = True
         print(on_first, file=sys.stderr, flush=True)
-        server.should_exit = True
+        drain.begin_threadsafe()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -125,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vdiff-proxy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--triton-url", default="127.0.0.1:8101", help="Triton's gRPC address")
     parser.add_argument("--triton-metrics-url", default=None, help="Triton's /metrics (engine gauges)")
-    parser.add_argument("--shutdown-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
+    parser.add_argument("--shutdown-timeout", dest="exit_timeout", type=int, default=30,
+                        help="seconds requests in flight get to finish on SIGTERM")  # fmt: skip
     add_model_arguments(parser, default_model="")
     add_frontend_arguments(parser)
     add_ignored_arguments(parser)
@@ -135,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     if not model:
         parser.error("--model is required: the model directory the Triton server serves")
     app = build_proxy(args, model, args.triton_url, args.triton_metrics_url)
-    server = make_server(app, args, args.shutdown_timeout)
-    with stop_on_signals(server, f"stopping: draining requests in flight (up to {args.shutdown_timeout} s)"):
+    server = make_server(app, args)
+    with stop_on_signals(server, f"stopping: draining requests in flight (up to {args.exit_timeout} s)"):
         server.run()
     return 0
 

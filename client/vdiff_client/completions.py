@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from vdiff_client.calls import Call
 from vdiff_client.errors import bad_request
 from vdiff_client.generation import Event, Generation, Prompt
 from vdiff_client.protocol import CompletionRequest
@@ -42,15 +43,17 @@ class CompletionServing(Serving):
         self.tokenizer.check_ids(item)
         return Prompt(item, self.tokenizer.decode(item) if request.echo else "")  # the text only serves echo
 
-    def generation(self, request: CompletionRequest, request_id: str) -> tuple[Generation, list[Prompt]]:
+    def generation(self, request: CompletionRequest, call: Call, request_id: str) -> tuple[Generation, list[Prompt]]:
         self.check_request(request, request.max_tokens)
         prompts = self.prompts(request)
-        return self.start(request, request_id, prompts, request.max_tokens), prompts
+        return self.start(request, call, request_id, prompts, request.max_tokens), prompts
 
-    async def create(self, request: CompletionRequest, request_id: str) -> CompletionResponse | AsyncIterator[str]:
+    async def create(
+        self, request: CompletionRequest, call: Call, request_id: str
+    ) -> CompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)
         request_id = f"cmpl-{request_id}" if request_id else random_id("cmpl")
-        generation, prompts = self.generation(request, request_id)
+        generation, prompts = self.generation(request, call, request_id)
         if request.stream:
             events = await generation.started()
             return sse_stream(self._chunks(request, request_id, prompts, events))

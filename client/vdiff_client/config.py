@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vdiff_client.ratelimit import RateLimits
+
 # vLLM's defaults for unset sampling fields (`--generation-config vllm`)
 VLLM_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 # generation_config.json keys -> the ensemble inputs they default
@@ -42,6 +44,8 @@ class ProxyConfig:
     enable_request_id_headers: bool = False
     enable_log_requests: bool = False
     max_log_len: int | None = None
+    rate_limits: RateLimits = RateLimits()  # per API key, or per address without keys
+    shutdown_timeout_s: float = 30.0  # how long requests in flight may finish after SIGTERM
     ensemble: str = "vdiff"
     denoiser: str = "diffusion_denoise"
 
@@ -52,6 +56,8 @@ class ProxyConfig:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if any(not key for key in self.api_keys):
             raise ValueError("api_keys must not contain an empty key")
+        if self.shutdown_timeout_s < 0:
+            raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s}")
         _ = self.sampling_defaults  # a --generation-config directory without the file fails here, at start-up
 
     @property

@@ -36,18 +36,21 @@ MAX_LISTED_ERRORS = 10
 class APIError(Exception):
     """An error answer: the status, the message a user reads, and the field it concerns."""
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.retry_after_s = retry_after_s  # when to retry a 429 or 503 (default RETRY_AFTER_S)
 
     def body(self) -> ErrorResponse:
         kind = ERROR_TYPES.get(self.status) or HTTPStatus(self.status).phrase.replace(" ", "")
         return ErrorResponse(error=ErrorInfo(message=self.message, type=kind, param=self.param, code=self.status))
 
     def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(RETRY_AFTER_S)} if self.status in (429, 503) else {}
+        if self.status not in (429, 503):
+            return {}
+        return {"Retry-After": str(self.retry_after_s or RETRY_AFTER_S)}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers())

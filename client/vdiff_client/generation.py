@@ -9,16 +9,22 @@ instead of an error inside a 200 stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from vdiff_client.calls import Call
 from vdiff_client.errors import APIError
 from vdiff_client.metrics import RequestTracker
+from vdiff_client.ratelimit import TokenCharge
 from vdiff_client.triton import Delta, TritonBackend, TritonRequestError
 
+log = logging.getLogger(__name__)
+
 Event = tuple[int, Delta]  # (choice index, response)
+Item = tuple[int, Delta | None, TritonRequestError | None]
 
 
 @dataclass(frozen=True)
@@ -54,38 +60,52 @@ class ChoiceResult:
 
 
 class Generation:
-    def __init__(self, backend: TritonBackend, jobs: list[Job], tracker: RequestTracker) -> None:
+    def __init__(
+        self, backend: TritonBackend, jobs: list[Job], tracker: RequestTracker, call: Call, charge: TokenCharge
+    ) -> None:
         self.backend = backend
         self.jobs = jobs
         self.tracker = tracker
+        self.call = call  # its abort (the shutdown drain) ends the generation with a 503
+        self.charge = charge  # the token budget it took; the unused part goes back at the end
+        self.completion_tokens = 0
 
     async def events(self) -> AsyncGenerator[Event, None]:
-        """Every choice's responses as they arrive; TritonRequestError ends it (as an APIError)."""
-        queue: asyncio.Queue[tuple[int, Delta | None, TritonRequestError | None]] = asyncio.Queue()
-
-        async def pump(job: Job) -> None:
-            try:
-                async for delta in self.backend.generate(job.request_id, job.values):
-                    await queue.put((job.index, delta, None))
-            except TritonRequestError as error:
-                await queue.put((job.index, None, error))
-
-        tasks = [asyncio.create_task(pump(job)) for job in self.jobs]
+        """Every choice's responses as they arrive; an error ends it (as an APIError)."""
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        unregister = self.call.on_abort(lambda message: queue.put_nowait((-1, None, TritonRequestError(503, message))))
+        tasks = [asyncio.create_task(self._pump(job, queue)) for job in self.jobs]
         unfinished = len(tasks)
         try:
             while unfinished:
                 index, delta, error = await queue.get()
                 if error is not None:
+                    self.tracker.on_error(error.status, error.message)
                     raise as_api_error(error)
                 assert delta is not None
                 self.tracker.on_delta(index, delta)
+                self.completion_tokens += delta.new_tokens
                 unfinished -= delta.finish_reason is not None
                 yield index, delta
         finally:
+            unregister()
             self.tracker.on_abort()
+            self.charge.settle(self.completion_tokens)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _pump(self, job: Job, queue: asyncio.Queue[Item]) -> None:
+        """One choice's responses into the queue; whatever goes wrong ends up there too (never a hang)."""
+        try:
+            async for delta in self.backend.generate(job.request_id, job.values):
+                await queue.put((job.index, delta, None))
+        except TritonRequestError as error:
+            await queue.put((job.index, None, error))
+        except Exception as error:
+            log.exception("choice %s failed", job.request_id)
+            failure = TritonRequestError(500, f"internal server error: {type(error).__name__}")
+            await queue.put((job.index, None, failure))
 
     async def collect(self) -> list[ChoiceResult]:
         results = [ChoiceResult() for _ in self.jobs]

@@ -5,6 +5,10 @@ tokens in groups (the stable prefix grows by a block at a time), so:
 - time to first token = request received -> first response with text;
 - inter-token latency = the gap between two responses divided by the tokens of the later one,
   observed once per token, so its count is the generated tokens after the first response.
+Queue time is the engine's (arrival in the denoiser -> first denoising step), reported on the
+request's first response; inference time is end-to-end latency minus queue time.
+vdiff's own families: forward evaluations (NFE) per request, generated tokens per NFE, and the
+requests refused before running, by reason.
 The running and waiting gauges are the engine's own (the denoiser's `vdiff:num_requests_*` on
 Triton's metrics endpoint, read at scrape time), so they count requests queued inside Triton too.
 """
@@ -53,6 +57,11 @@ ITL_BUCKETS = (
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
                    480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
 N_BUCKETS = (1, 2, 5, 10, 20)
+NFE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+TOKENS_PER_NFE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
+# why a request was refused: rate limits (429), a full engine, a stopping or unreachable server (503)
+REJECTION_REASONS = ("rate_limit_requests", "rate_limit_tokens", "capacity", "shutdown", "unavailable")
+HTTP_METRICS_EXCLUDED = ["/metrics", "/health", "/ping", "/version", "/load", "/server_info"]  # as vLLM
 ENGINE_GAUGES = {"vdiff:num_requests_running": "vllm:num_requests_running",
                  "vdiff:num_requests_waiting": "vllm:num_requests_waiting"}  # fmt: skip
 
@@ -96,14 +105,34 @@ class ProxyMetrics:
         self.request_prompt = histogram("vllm:request_prompt_tokens", "Prompt tokens per request.", length)
         self.request_generation = histogram("vllm:request_generation_tokens", "Generated tokens per request.", length)
         self.params_n = histogram("vllm:request_params_n", "The n parameter.", N_BUCKETS)
+        self.params_max_tokens = histogram("vllm:request_params_max_tokens", "The max_tokens parameter.", length)
+        self.queue_time = histogram("vllm:request_queue_time_seconds", "Time waiting for the engine.", LATENCY_BUCKETS)
+        self.inference_time = histogram(
+            "vllm:request_inference_time_seconds", "Time from the engine's first step to the end.", LATENCY_BUCKETS
+        )
+        self.nfe = histogram("vdiff:request_nfe", "Denoising forward evaluations per request.", NFE_BUCKETS)
+        self.tokens_per_nfe = histogram(
+            "vdiff:request_tokens_per_nfe", "Generated tokens per forward evaluation.", TOKENS_PER_NFE_BUCKETS
+        )
+        self.rejections = Counter(
+            "vdiff:request_rejections", "Requests refused before running.", (*LABELS, "reason"), registry=r
+        )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(**labels, reason=reason)
         if triton_metrics_url:
             r.register(EngineGauges(triton_metrics_url, labels))
 
     def finished(self, reason: str, count: int = 1) -> None:
         self.success.labels(**self.labels, finished_reason=reason).inc(count)
 
-    def track(self, n: int, choices: int) -> RequestTracker:
+    def rejected(self, reason: str) -> None:
+        self.rejections.labels(**self.labels, reason=reason).inc()
+
+    def track(self, n: int, choices: int, max_tokens: int | None) -> RequestTracker:
         self.params_n.observe(n)
+        if max_tokens is not None:
+            for _ in range(choices):  # one engine request per choice, as in vLLM
+                self.params_max_tokens.observe(max_tokens)
         return RequestTracker(self, choices)
 
 
@@ -115,10 +144,13 @@ class RequestTracker:
         self.started = time.monotonic()
         self.last_text_at: dict[int, float] = {}
         self.tokens = dict.fromkeys(range(choices), 0)  # the unfinished choices' generated tokens
+        self.queue_time: dict[int, float] = {}
+        self.responded = False
 
     def on_delta(self, index: int, delta: Delta) -> None:
         m = self.metrics
         now = time.monotonic()
+        self.responded = True
         if delta.new_tokens:
             previous = self.last_text_at.get(index)
             if previous is None:
@@ -129,12 +161,35 @@ class RequestTracker:
             self.last_text_at[index] = now
             m.generation_tokens.inc(delta.new_tokens)
         self.tokens[index] += delta.new_tokens
+        if delta.queue_time is not None and index not in self.queue_time:
+            self.queue_time[index] = delta.queue_time
+            m.queue_time.observe(delta.queue_time)
         if delta.finish_reason is not None:
-            m.prompt_tokens.inc(delta.prompt_tokens)
-            m.request_prompt.observe(delta.prompt_tokens)
-            m.request_generation.observe(self.tokens.pop(index))
-            m.e2e.observe(now - self.started)
-            m.finished(delta.finish_reason)
+            self._on_finish(index, delta, now - self.started)
+
+    def _on_finish(self, index: int, delta: Delta, e2e: float) -> None:
+        m = self.metrics
+        generated = self.tokens.pop(index)
+        m.prompt_tokens.inc(delta.prompt_tokens)
+        m.request_prompt.observe(delta.prompt_tokens)
+        m.request_generation.observe(generated)
+        m.e2e.observe(e2e)
+        m.inference_time.observe(max(0.0, e2e - self.queue_time.get(index, 0.0)))
+        if delta.nfe > 0:
+            m.nfe.observe(delta.nfe)
+            m.tokens_per_nfe.observe(generated / delta.nfe)
+        m.finished(delta.finish_reason or "stop")
+
+    def on_error(self, status: int, message: str) -> None:
+        """A refusal before any response is a rejection; its reason is read from the message."""
+        if status != 503 or self.responded:
+            return
+        if "at capacity" in message:
+            self.metrics.rejected("capacity")
+        elif "shutting down" in message or "shut down" in message:
+            self.metrics.rejected("shutdown")
+        else:
+            self.metrics.rejected("unavailable")
 
     def on_abort(self) -> None:
         """The choices that never finished (client gone, error) end as aborted."""

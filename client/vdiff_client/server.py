@@ -17,15 +17,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdiff_client import __version__
+from vdiff_client.calls import Call, Drain, DrainMiddleware, route_path
 from vdiff_client.chat import ChatServing, render_messages
 from vdiff_client.completions import CompletionServing
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import install_error_handlers
-from vdiff_client.metrics import ProxyMetrics
+from vdiff_client.health import HealthCheck
+from vdiff_client.metrics import HTTP_METRICS_EXCLUDED, ProxyMetrics
 from vdiff_client.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from vdiff_client.ratelimit import RateLimiter, RateLimitMiddleware
 from vdiff_client.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
 from vdiff_client.tokenizer import ProxyTokenizer
 from vdiff_client.triton import TritonBackend
@@ -102,11 +106,7 @@ class APIKeyMiddleware:
         await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
 
     def _protected(self, scope: Scope) -> bool:
-        path: str = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root) :]
-        return path.startswith("/v1")
+        return route_path(scope).startswith("/v1")
 
     def _allowed(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
@@ -126,11 +126,15 @@ def build_app(
     http = http or HTTPSettings()
     backend = backend or TritonBackend(config.triton_url, config.ensemble, config.denoiser)
     metrics = ProxyMetrics(config.model_name, config.max_model_len, config.triton_metrics_url)
-    completions = CompletionServing(config, backend, tokenizer, metrics)
-    chat = ChatServing(config, backend, tokenizer, metrics)
+    limiter = RateLimiter(config.rate_limits) if config.rate_limits.enabled else None
+    drain = Drain(config.shutdown_timeout_s)
+    health_check = HealthCheck(backend, tokenizer.encode("ping", False) or [0])
+    completions = CompletionServing(config, backend, tokenizer, metrics, limiter)
+    chat = ChatServing(config, backend, tokenizer, metrics, limiter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        drain.bind(asyncio.get_running_loop())
         yield
         await backend.close()
 
@@ -145,7 +149,13 @@ def build_app(
         redoc_url="/redoc" if docs else None,
     )
     app.state.backend = backend
+    app.state.drain = drain
     install_error_handlers(app)
+    # added innermost first: metrics see every answer, auth runs before the drain and the budgets
+    if limiter is not None:
+        keyed = bool(config.api_keys)
+        app.add_middleware(RateLimitMiddleware, limiter=limiter, keyed=keyed, on_reject=metrics.rejected)
+    app.add_middleware(DrainMiddleware, drain=drain, on_reject=metrics.rejected)
     if config.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=config.api_keys)
     app.add_middleware(
@@ -157,9 +167,12 @@ def build_app(
     )
     if config.enable_request_id_headers:
         app.middleware("http")(echo_request_id)
+    Instrumentator(excluded_handlers=HTTP_METRICS_EXCLUDED, registry=metrics.registry).instrument(app)
 
     async def health() -> Response:
-        return Response(status_code=200 if await backend.is_ready() else 503)
+        """503 while draining (load balancers stop routing here) or when the probe fails."""
+        healthy = not drain.draining and await health_check.healthy()
+        return Response(status_code=200 if healthy else 503)
 
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/ping", health, methods=["GET", "POST"])
@@ -184,12 +197,12 @@ def build_app(
     @app.post("/v1/completions", dependencies=[Depends(require_json)], response_model=None)
     async def create_completion(request: CompletionRequest, raw: Request) -> Any:
         log_request(config, raw, "completion", request)
-        return await answer(raw, completions.create(request, raw.headers.get("x-request-id", "")))
+        return await answer(raw, completions.create(request, call_of(raw), raw.headers.get("x-request-id", "")))
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_json)], response_model=None)
     async def create_chat_completion(request: ChatCompletionRequest, raw: Request) -> Any:
         log_request(config, raw, "chat", request)
-        return await answer(raw, chat.create(request, raw.headers.get("x-request-id", "")))
+        return await answer(raw, chat.create(request, call_of(raw), raw.headers.get("x-request-id", "")))
 
     @app.post("/tokenize", dependencies=[Depends(require_json)])
     async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
@@ -205,6 +218,12 @@ def build_app(
         return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
 
     return app
+
+
+def call_of(raw: Request) -> Call:
+    """The call DrainMiddleware opened for this /v1 request."""
+    call: Call = raw.state.call
+    return call
 
 
 async def answer(raw: Request, work: Awaitable[Any]) -> Any:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+from vdiff_client.calls import Call
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import APIError, model_not_found
 from vdiff_client.generation import Generation, Prompt, make_jobs
 from vdiff_client.metrics import ProxyMetrics
 from vdiff_client.protocol import SamplingFields, StreamOptions
+from vdiff_client.ratelimit import RateLimiter, TokenCharge
 from vdiff_client.responses import UsageInfo, usage
 from vdiff_client.sampling import check_context, check_sampling, check_supported, ensemble_values
 from vdiff_client.tokenizer import ProxyTokenizer
@@ -22,12 +24,18 @@ DONE = "data: [DONE]\n\n"
 
 class Serving:
     def __init__(
-        self, config: ProxyConfig, backend: TritonBackend, tokenizer: ProxyTokenizer, metrics: ProxyMetrics
+        self,
+        config: ProxyConfig,
+        backend: TritonBackend,
+        tokenizer: ProxyTokenizer,
+        metrics: ProxyMetrics,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
         self.metrics = metrics
+        self.limiter = limiter
 
     def check_model(self, name: str | None) -> None:
         """An empty or missing model means the served one, as in vLLM."""
@@ -40,15 +48,31 @@ class Serving:
         check_sampling(request, max_tokens, self.config.sampling_defaults)
 
     def start(
-        self, request: SamplingFields, request_id: str, prompts: list[Prompt], max_tokens: int | None
+        self, request: SamplingFields, call: Call, request_id: str, prompts: list[Prompt], max_tokens: int | None
     ) -> Generation:
-        """The n choices of each prompt, after the context check, ready to run on Triton."""
+        """The n choices of each prompt, after the context check and the token budget, ready to run on Triton."""
         for prompt in prompts:
             check_context(len(prompt.ids), max_tokens, self.tokenizer.max_model_len)
+        charge = self.charge_tokens(call, prompts, request.n, max_tokens)
         jobs = make_jobs(
             request_id, prompts, request.n, lambda p, i: ensemble_values(request, p.ids, max_tokens, i, self.config)
         )
-        return Generation(self.backend, jobs, self.metrics.track(request.n, len(jobs)))
+        tracker = self.metrics.track(request.n, len(jobs), max_tokens)
+        return Generation(self.backend, jobs, tracker, call, charge)
+
+    def charge_tokens(self, call: Call, prompts: list[Prompt], n: int, max_tokens: int | None) -> TokenCharge:
+        """The client's token budget pays for the prompts and, per choice, the most it may generate."""
+        default = max_tokens or self.config.sampling_defaults.get("max_tokens")
+        room = [self.tokenizer.max_model_len - len(p.ids) for p in prompts]
+        max_generated = n * sum(min(default, r) if default else r for r in room)
+        prompt_tokens = sum(len(p.ids) for p in prompts)
+        if self.limiter is None:
+            return TokenCharge(None, prompt_tokens, max_generated)
+        try:
+            return self.limiter.charge_tokens(call.client, prompt_tokens, max_generated)
+        except APIError:
+            self.metrics.rejected("rate_limit_tokens")
+            raise
 
     def stream_usage_wanted(self, request: SamplingFields) -> bool:
         options = request.stream_options

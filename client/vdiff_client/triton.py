@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -28,6 +29,8 @@ NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL
 # the denoiser's words for a full or stopping server (vdiff/backend/service.py)
 UNAVAILABLE_PHRASES = ("the server is at capacity", "the server is shutting down", "the server shut down")
 ENSEMBLE_PREFIX = "in ensemble '"
+# gRPC codes that mean "Triton is not there (now)": the client should retry, maybe elsewhere
+UNREACHABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class TritonRequestError(Exception):
@@ -48,6 +51,19 @@ def status_of(message: str) -> tuple[int, str]:
     return 500, message
 
 
+def transport_error(error: grpc.RpcError | InferenceServerException) -> TritonRequestError:
+    """A failed call to Triton itself (down, restarting, unreachable): 503 so clients retry."""
+    if isinstance(error, InferenceServerException):
+        code, details = error.status() or "", error.message() or ""
+        unreachable = any(f"StatusCode.{c.name}" == code for c in UNREACHABLE_CODES)
+    else:
+        code, details = str(error.code()), str(error.details())
+        unreachable = error.code() in UNREACHABLE_CODES
+    if unreachable:
+        return TritonRequestError(503, f"the inference server is unavailable ({details}); retry later")
+    return TritonRequestError(500, f"the inference server failed: {code} {details}".strip())
+
+
 @dataclass(frozen=True)
 class Delta:
     """One ensemble response: a text delta and counts."""
@@ -57,6 +73,7 @@ class Delta:
     new_tokens: int  # tokens whose text is in this delta
     nfe: int  # the request's denoising steps so far
     finish_reason: str | None  # set on the last response
+    queue_time: float | None = None  # seconds the engine kept it waiting; None until it ran
 
 
 class TritonBackend:
@@ -83,7 +100,10 @@ class TritonBackend:
 
     async def generate(self, request_id: str, values: Mapping[str, Any]) -> AsyncIterator[Delta]:
         """The ensemble's responses for one request; raises TritonRequestError on an error response."""
-        inputs = await self._tensors(values)
+        try:
+            inputs = await self._tensors(values)
+        except (grpc.RpcError, InferenceServerException) as unreachable:
+            raise transport_error(unreachable) from unreachable
         done = asyncio.Event()
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
@@ -102,7 +122,10 @@ class TritonBackend:
                 yield delta
                 if finished:
                     return
-            raise TritonRequestError(500, "Triton closed the stream before the request finished")
+            raise TritonRequestError(503, "Triton closed the stream before the request finished; retry later")
+        except grpc.RpcError as failure:
+            finished = True  # the connection is gone: no stop order can reach the denoiser either
+            raise transport_error(failure) from failure
         finally:
             done.set()
             if not finished:
@@ -160,10 +183,12 @@ def _delta(result: Any) -> Delta:
         return result.as_numpy(name).reshape(-1)[0]
 
     finish = one("finish_reason").decode("utf-8")
+    queue_time = float(one("queue_time"))
     return Delta(
         text=one("text_output").decode("utf-8"),
         prompt_tokens=int(one("num_input_tokens")),
         new_tokens=int(one("num_output_tokens")),
         nfe=int(one("step_index")),
         finish_reason=finish or None,
+        queue_time=queue_time if queue_time >= 0 else None,
     )

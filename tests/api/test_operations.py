@@ -76,26 +76,45 @@ def test_api_keys_guard_v1_only(triton_server: Server, tiny_llada: Path) -> None
 
 def test_metrics_count_tokens_and_finishes_exactly(proxy: Proxy) -> None:
     metrics = f"{proxy.url}/metrics"
-    label = f'{{engine="0",model_name="{SERVED[0]}"}}'
-
-    def value(name: str) -> float:
-        return read_metric(metrics, name + label) if "{" not in name else read_metric(metrics, name)
-
-    before = {n: value(n) for n in ("vllm:generation_tokens_total", "vllm:e2e_request_latency_seconds_count")}
-    length_before = read_metric(
-        metrics, f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{SERVED[0]}"}}'
-    )
+    label = f'engine="0",model_name="{SERVED[0]}"'
+    per_request = [
+        "vllm:e2e_request_latency_seconds_count",
+        "vllm:time_to_first_token_seconds_count",
+        "vllm:request_queue_time_seconds_count",
+        "vllm:request_inference_time_seconds_count",
+        "vllm:request_prompt_tokens_count",
+        "vllm:request_generation_tokens_count",
+        "vllm:request_params_max_tokens_count",
+        "vdiff:request_nfe_count",
+        "vdiff:request_tokens_per_nfe_count",
+    ]
+    counted = {
+        **{name: f"{name}{{{label}}}" for name in per_request},
+        "generated": f"vllm:generation_tokens_total{{{label}}}",
+        "prompt": f"vllm:prompt_tokens_total{{{label}}}",
+        "length": f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{SERVED[0]}"}}',
+        "http": 'http_requests_total{handler="/v1/completions",method="POST",status="2xx"}',
+        "itl": f"vllm:inter_token_latency_seconds_count{{{label}}}",
+    }
+    before = {key: read_metric(metrics, name) for key, name in counted.items()}
     client = openai.OpenAI(base_url=proxy.v1, api_key="x", max_retries=0)
+    prompt_tokens = 0
     for _ in range(3):
-        client.completions.create(model=SERVED[0], prompt="count", max_tokens=8, extra_body={"ignore_eos": True})
-    assert value("vllm:generation_tokens_total") - before["vllm:generation_tokens_total"] == 24
-    assert value("vllm:e2e_request_latency_seconds_count") - before["vllm:e2e_request_latency_seconds_count"] == 3
-    length_after = read_metric(
-        metrics, f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{SERVED[0]}"}}'
-    )
-    assert length_after - length_before == 3
+        answer = client.completions.create(
+            model=SERVED[0], prompt="count", max_tokens=8, extra_body={"ignore_eos": True}
+        )
+        assert answer.usage is not None
+        prompt_tokens += answer.usage.prompt_tokens
+    delta = {key: read_metric(metrics, name) - before[key] for key, name in counted.items()}
+    assert {name: delta[name] for name in per_request} == dict.fromkeys(per_request, 3)
+    assert delta["generated"] == 24 and delta["prompt"] == prompt_tokens and delta["length"] == 3
+    assert delta["http"] == 3
+    # 8 tokens each: the first is timed as TTFT, the other 7 as inter-token latencies
+    assert delta["itl"] == 21
     text = httpx.get(metrics).text
     assert "vllm:num_requests_running{" in text and "vllm:time_to_first_token_seconds_bucket" in text
+    assert f'vdiff:request_rejections_total{{{label},reason="capacity"}}' in text
+    assert "http_request_duration_seconds_bucket" in text and 'handler="/health"' not in text
 
 
 def test_a_full_server_answers_503_with_retry_after(proxy: Proxy, triton_server: Server) -> None:
@@ -117,6 +136,12 @@ def test_a_full_server_answers_503_with_retry_after(proxy: Proxy, triton_server:
     error = refused.json()["error"]
     assert error["code"] == 503 and error["type"] == "ServiceUnavailableError" and "at capacity" in error["message"]
     wait_until(lambda: engine_running(triton_server) == 0, timeout=10)
+    assert capacity_rejections(proxy) >= 1
+
+
+def capacity_rejections(proxy: Proxy) -> float:
+    label = f'engine="0",model_name="{SERVED[0]}",reason="capacity"'
+    return read_metric(f"{proxy.url}/metrics", f"vdiff:request_rejections_total{{{label}}}")
 
 
 def test_client_disconnects_free_the_engine(proxy: Proxy, triton_server: Server) -> None:

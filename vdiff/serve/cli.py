@@ -103,7 +103,7 @@ def serve_openai(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as error:
         print(f"vdiff: {error}", file=sys.stderr)
         return 2
-    server = make_server(app, args, args.exit_timeout)
+    server = make_server(app, args)
     with _workdir(args.workdir) as workdir:
         config = _launch_config(args, workdir, address)
         print(f"vdiff: model {args.model}, OpenAI server on port {args.port}", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""Deep health: `/health` is 200 only when Triton's ensemble is ready *and* runs a one-step request.
+
+A readiness flag alone misses a wedged engine thread or a dead stub process; a probe request does not.
+The result is cached (a few seconds when healthy, one second when not) and probes never overlap, so
+a load balancer polling every second costs at most one tiny request per cache period. A full engine
+is alive: "at capacity" counts as healthy, or a busy replica would flap out of the pool under load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from typing import Any
+
+from vdiff_client.triton import TritonBackend, TritonRequestError
+
+log = logging.getLogger(__name__)
+
+
+class HealthCheck:
+    def __init__(
+        self,
+        backend: TritonBackend,
+        probe_ids: list[int],
+        healthy_ttl_s: float = 5.0,
+        unhealthy_ttl_s: float = 1.0,
+        timeout_s: float = 10.0,
+    ) -> None:
+        self.backend = backend
+        # one denoising step on a short prompt: the cheapest request that runs the whole pipeline
+        self.probe_values: dict[str, Any] = {
+            "input_ids": probe_ids,
+            "max_tokens": 1,
+            "steps": 1,
+            "stream": True,
+            "exclude_input_in_output": True,
+        }
+        self.healthy_ttl_s = healthy_ttl_s
+        self.unhealthy_ttl_s = unhealthy_ttl_s
+        self.timeout_s = timeout_s
+        self._result: tuple[bool, float] | None = None  # (healthy, when)
+        self._probe: asyncio.Task[bool] | None = None
+
+    async def healthy(self) -> bool:
+        cached = self._cached()
+        if cached is not None:
+            return cached
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._run_probe())
+        return await asyncio.shield(self._probe)  # a caller that hangs up does not cancel the shared probe
+
+    def _cached(self) -> bool | None:
+        if self._result is None:
+            return None
+        healthy, when = self._result
+        ttl = self.healthy_ttl_s if healthy else self.unhealthy_ttl_s
+        return healthy if time.monotonic() - when < ttl else None
+
+    async def _run_probe(self) -> bool:
+        try:
+            healthy = await asyncio.wait_for(self._check(), self.timeout_s)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+            log.warning("health probe: no answer from Triton within %g s", self.timeout_s)
+            healthy = False
+        self._result = (healthy, time.monotonic())
+        self._probe = None
+        return healthy
+
+    async def _check(self) -> bool:
+        if not await self.backend.is_ready():
+            log.warning("health probe: Triton's ensemble %r is not ready", self.backend.ensemble)
+            return False
+        try:
+            async for _ in self.backend.generate(f"health-{secrets.token_hex(4)}", self.probe_values):
+                pass
+        except TritonRequestError as error:
+            if error.status == 503 and "at capacity" in error.message:
+                return True
+            log.warning("health probe failed: %s", error.message)
+            return False
+        return True
