@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 
 from vdiff.serve.launcher import free_loopback_address
+from vdiff_client.calls import Drain
 from vdiff_client.cli import ProxyServer
 from vdiff_client.config import ProxyConfig
 from vdiff_client.server import HTTPSettings, build_app
@@ -25,6 +26,7 @@ SERVED = ("tiny-llada", "tiny-alias")
 class Proxy:
     url: str  # http://127.0.0.1:PORT
     config: ProxyConfig
+    drain: Drain  # what SIGTERM starts in a real server (tests start it directly)
 
     @property
     def v1(self) -> str:
@@ -58,7 +60,7 @@ def running_proxy(config: ProxyConfig, http: HTTPSettings | None = None) -> Iter
         assert time.monotonic() < deadline and thread.is_alive(), "the proxy did not start"
         time.sleep(0.05)
     try:
-        yield Proxy(f"http://127.0.0.1:{port}", config)
+        yield Proxy(f"http://127.0.0.1:{port}", config, app.state.drain)
     finally:
         server.should_exit = True
         thread.join(30)

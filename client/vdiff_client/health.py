@@ -1,7 +1,8 @@
 """Deep health: `/health` is 200 only when Triton's ensemble is ready *and* runs a one-step request.
 
 A readiness flag alone misses a wedged engine thread or a dead stub process; a probe request does not.
-The result is cached (a few seconds when healthy, one second when not) and probes never overlap, so
+The result is cached (a few seconds when healthy, one second when not; a request that finds Triton
+unreachable ends a healthy period at once) and probes never overlap, so
 a load balancer polling every second costs at most one tiny request per cache period. A full engine
 is alive: "at capacity" counts as healthy, or a busy replica would flap out of the pool under load.
 """
@@ -55,6 +56,8 @@ class HealthCheck:
         if self._result is None:
             return None
         healthy, when = self._result
+        if healthy and self.backend.last_transport_failure > when:
+            return None  # a request has found Triton gone since: look again now
         ttl = self.healthy_ttl_s if healthy else self.unhealthy_ttl_s
         return healthy if time.monotonic() - when < ttl else None
 

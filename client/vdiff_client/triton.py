@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,7 @@ class TritonBackend:
         self._client: grpcclient.InferenceServerClient | None = None
         self._input_types: dict[str, str] = {}
         self._stops: set[asyncio.Task[None]] = set()
+        self.last_transport_failure = float("-inf")  # time.monotonic() of the last failed call to Triton
 
     @property
     def client(self) -> grpcclient.InferenceServerClient:
@@ -103,7 +105,7 @@ class TritonBackend:
         try:
             inputs = await self._tensors(values)
         except (grpc.RpcError, InferenceServerException) as unreachable:
-            raise transport_error(unreachable) from unreachable
+            raise self._transport_failed(unreachable) from unreachable
         done = asyncio.Event()
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
@@ -125,12 +127,16 @@ class TritonBackend:
             raise TritonRequestError(503, "Triton closed the stream before the request finished; retry later")
         except grpc.RpcError as failure:
             finished = True  # the connection is gone: no stop order can reach the denoiser either
-            raise transport_error(failure) from failure
+            raise self._transport_failed(failure) from failure
         finally:
             done.set()
             if not finished:
                 stream.cancel()
                 self._send_stop(request_id)
+
+    def _transport_failed(self, error: grpc.RpcError | InferenceServerException) -> TritonRequestError:
+        self.last_transport_failure = time.monotonic()
+        return transport_error(error)
 
     def _send_stop(self, request_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._stop(request_id))

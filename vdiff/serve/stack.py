@@ -43,8 +43,10 @@ class TritonWatch:
             self.triton.process.kill()
         self.triton.process.wait()
         if not self.server.should_exit:
+            # requests in flight fail at once (503: Triton unreachable); new ones get 503 until the exit
             self.died = True
-            self.server.should_exit = True
+            self.out.write("tritonserver died; answering 503 while the requests in flight end, then exiting\n")
+            self.server.drain.begin_threadsafe()
 
 
 def run_stack(triton: TritonProcess, server: ProxyServer, url: str, out: TextIO = sys.stderr) -> int:
