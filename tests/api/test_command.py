@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -14,7 +17,7 @@ import openai
 import pytest
 
 from vdiff.serve.cli import openai_parser
-from vdiff.serve.launcher import free_loopback_address
+from vdiff.serve.launcher import ServerAddress, free_loopback_address
 from vdiff_client.args import IGNORED_FLAGS, ignored_flags_given
 from vdiff_client.tokenizer import parse_max_model_len
 
@@ -70,36 +73,84 @@ def test_max_model_len_refuses_nonsense() -> None:
         parse_max_model_len("lots")
 
 
-def test_one_command_serves_the_readme_example_and_stops_on_sigterm(tiny_llada: Path) -> None:
+def start_vdiff(model: Path, *extra: str) -> tuple[subprocess.Popen[str], int, ServerAddress]:
+    """`vdiff` as a subprocess on free loopback ports; (process, HTTP port, Triton's addresses)."""
     port = free_loopback_address().http_port
     triton = free_loopback_address()
-    command = [sys.executable, "-m", "vdiff.serve.cli", "--model", str(tiny_llada), "--port", str(port),
-               "--host", "127.0.0.1", "--served-model-name", "tiny", "--torch-num-threads", "1", "-tp", "1",
+    command = [sys.executable, "-m", "vdiff.serve.cli", "--model", str(model), "--port", str(port),
+               "--host", "127.0.0.1", "--served-model-name", "tiny", "--torch-num-threads", "1",
                "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
-               "--triton-metrics-port", str(triton.metrics_port), "--shutdown-timeout", "10"]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        statuses = []
-        deadline = time.monotonic() + 180
-        while not statuses or statuses[-1] != 200:
-            assert time.monotonic() < deadline and process.poll() is None, "vdiff did not become healthy"
-            with contextlib.suppress(httpx.TransportError):
-                statuses.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code)
-            time.sleep(0.2)
-        assert 503 in statuses  # the port is bound before the model is ready
+               "--triton-metrics-port", str(triton.metrics_port), *extra]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port, triton
 
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY")
+
+def wait_healthy(process: subprocess.Popen[str], port: int) -> list[int]:
+    """/health's answers until the first 200."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + 180
+    while not statuses or statuses[-1] != 200:
+        assert time.monotonic() < deadline and process.poll() is None, "vdiff did not become healthy"
+        with contextlib.suppress(httpx.TransportError):
+            statuses.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code)
+        time.sleep(0.2)
+    return statuses
+
+
+def stream_in_thread(client: openai.OpenAI, first: threading.Event) -> Future[tuple[str | None, int]]:
+    """A streamed chat answer in a thread: (finish reason, completion tokens); `first` set at its first chunk."""
+
+    def run() -> tuple[str | None, int]:
+        stream = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=64, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        finish, tokens = None, 0
+        for chunk in stream:
+            first.set()
+            if chunk.choices and chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return finish, tokens
+
+    future: Future[tuple[str | None, int]] = Future()
+    threading.Thread(target=lambda: future.set_result(run()), daemon=True).start()
+    return future
+
+
+def test_one_command_serves_the_readme_example_and_drains_on_sigterm(tiny_llada: Path) -> None:
+    process, port, triton = start_vdiff(tiny_llada, "-tp", "1", "--shutdown-timeout", "60")
+    try:
+        assert 503 in wait_healthy(process, port)  # the port is bound before the model is ready
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
         completion = client.completions.create(model="tiny", prompt="Hello", max_tokens=8)
         assert completion.choices[0].finish_reason in ("stop", "length") and completion.model == "tiny"
-        stream = client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
-        )
-        assert [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        firsts = [threading.Event() for _ in range(4)]
+        streams = [stream_in_thread(client, first) for first in firsts]
+        assert all(first.wait(60) for first in firsts)
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
+    # streams that started before SIGTERM all finish; a new request is refused meanwhile
+    assert [future.result(timeout=120) for future in streams] == [("length", 64)] * 4
+    output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     assert "--tensor-parallel-size is accepted for vLLM compatibility and ignored" in output
     assert f"vdiff is serving the OpenAI API at http://127.0.0.1:{port}/v1" in output
-    leftover = subprocess.run(["pgrep", "-f", f"--grpc-port={triton.grpc_port}"], capture_output=True, text=True)
-    assert leftover.stdout.strip() == "", "tritonserver outlived vdiff"
+    assert "[shutdown] drained" in output
+    leftover = subprocess.run(["pgrep", "-f", "--", f"--grpc-port={triton.grpc_port}"], capture_output=True, text=True)
+    assert leftover.returncode == 1, f"tritonserver outlived vdiff: {leftover.stdout}{leftover.stderr}"
+
+
+def test_vdiff_exits_non_zero_when_triton_dies(tiny_llada: Path) -> None:
+    process, port, triton = start_vdiff(tiny_llada)
+    try:
+        wait_healthy(process, port)
+        found = subprocess.run(["pgrep", "-f", "--", f"--grpc-port={triton.grpc_port}"], capture_output=True, text=True)
+        for pid in found.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode not in (0, None), output
+    assert "tritonserver died" in output and "tritonserver exited with code -9" in output
