@@ -9,13 +9,14 @@
    exit, and whether any process of the server's tree outlived it.
 2. Triton killed: the same load plus plain requests; then tritonserver gets SIGKILL. Recorded: how
    every request ended (status, or the code of the stream's error event) and how long after the kill,
-   /health right after, `vdiff`'s exit code and its message.
+   /health right after, `vdiff`'s exit code and its message, and any process left behind.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -77,6 +78,16 @@ def tree(pid: int) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def alive(processes: list[psutil.Process]) -> list[str]:
+    """The command lines of those still running (a server's leftovers)."""
+    left = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                left.append(" ".join(process.cmdline())[:120])
+    return left
+
+
 async def sigterm_drill(process: Any, url: str, args: argparse.Namespace) -> dict[str, Any]:
     processes = tree(process.pid)
     async with httpx.AsyncClient(timeout=300) as http:
@@ -100,12 +111,13 @@ async def sigterm_drill(process: Any, url: str, args: argparse.Namespace) -> dic
         "health_during_drain": health,
         "exit_code": code,
         "exit_after_sigterm_s": round(exited, 2),
-        "processes_left": [p.pid for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE],
+        "processes_left": alive(processes),
     }
 
 
 async def triton_kill_drill(process: Any, url: str, args: argparse.Namespace) -> dict[str, Any]:
-    triton = next(p for p in tree(process.pid) if p.name() == "tritonserver")
+    processes = tree(process.pid)
+    triton = next(p for p in processes if p.name() == "tritonserver")
     async with httpx.AsyncClient(timeout=300) as http:
         firsts = [asyncio.Event() for _ in range(args.streams)]
         streams = [asyncio.create_task(stream_chat(http, url, args.max_tokens * 4, f)) for f in firsts]
@@ -128,6 +140,7 @@ async def triton_kill_drill(process: Any, url: str, args: argparse.Namespace) ->
         "all_requests_ended_within_s": round(max(ends) - killed, 2),
         "health_after": health,
         "exit_code": code,
+        "processes_left": alive(processes),
     }
 
 

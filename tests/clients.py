@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
@@ -128,6 +129,16 @@ def http_post(url: str, body: dict[str, Any], timeout: float = 60) -> tuple[int,
 def sse_events(text: str) -> list[dict[str, Any]]:
     """The JSON payloads of a text/event-stream body (`data: {...}` lines)."""
     return [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of the live processes that mention `text` (a work directory: what outlived a server)."""
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if text in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(cmdline)
+    return found
 
 
 def read_metric(metrics_url: str, name: str) -> float:

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from clients import processes_mentioning
 from vdiff.serve.cli import openai_parser
 from vdiff.serve.launcher import ServerAddress, free_loopback_address
 from vdiff_client.args import IGNORED_FLAGS, ignored_flags_given
@@ -141,8 +142,8 @@ def test_one_command_serves_the_readme_example_and_drains_on_sigterm(tiny_llada:
     assert leftover.returncode == 1, f"tritonserver outlived vdiff: {leftover.stdout}{leftover.stderr}"
 
 
-def test_vdiff_exits_non_zero_when_triton_dies(tiny_llada: Path) -> None:
-    process, port, triton = start_vdiff(tiny_llada)
+def test_vdiff_exits_non_zero_when_triton_dies(tiny_llada: Path, tmp_path: Path) -> None:
+    process, port, triton = start_vdiff(tiny_llada, "--workdir", str(tmp_path))
     try:
         wait_healthy(process, port)
         found = subprocess.run(["pgrep", "-f", "--", f"--grpc-port={triton.grpc_port}"], capture_output=True, text=True)
@@ -154,3 +155,4 @@ def test_vdiff_exits_non_zero_when_triton_dies(tiny_llada: Path) -> None:
             process.kill()
     assert process.returncode not in (0, None), output
     assert "tritonserver died" in output and "tritonserver exited with code -9" in output
+    assert processes_mentioning(str(tmp_path)) == []  # no backend stub outlived its server

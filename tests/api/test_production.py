@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from clients import read_metric
+from clients import processes_mentioning, read_metric
 from proxy_harness import SERVED, Proxy, proxy_config, running_proxy
 from triton_harness import Server, start_server
 from vdiff_client.ratelimit import RateLimits
@@ -208,3 +208,4 @@ def test_a_dead_triton_fails_requests_fast_and_health_turns_503(tiny_llada: Path
     finally:
         triton.process.kill()
         triton.wait(30)
+    assert processes_mentioning(str(tmp_path)) == []  # the backend stubs went with it

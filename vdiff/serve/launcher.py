@@ -9,6 +9,8 @@ SIGTERM or SIGINT the server is asked to stop: Triton refuses new work, waits up
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -136,8 +138,15 @@ class TritonProcess:
 
     def wait(self, timeout: float | None = None) -> int:
         code = self.process.wait(timeout)
+        self._end_leftovers()
         self._reader.join(5)
         return code
+
+    def _end_leftovers(self) -> None:
+        """A killed tritonserver leaves its Python backend stubs running (the denoiser's, whose engine
+        thread is busy, does not notice); they share its process group, so end the group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
 
     def last_lines(self) -> str:
         return "\n".join(self.tail)
