@@ -48,7 +48,9 @@ def proxy_config(model: Path, triton_grpc: str, metrics_url: str | None, **chang
 
 @contextmanager
 def running_proxy(config: ProxyConfig, http: HTTPSettings | None = None) -> Iterator[Proxy]:
-    tokenizer = ProxyTokenizer.load(config.tokenizer, False, config.chat_template, config.max_model_len)
+    tokenizer = ProxyTokenizer.load(
+        config.tokenizer, False, config.chat_template, config.max_model_len, config.trust_request_chat_template
+    )
     app = build_app(config, tokenizer, http)
     port = free_loopback_address().http_port
     server = ProxyServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app.state.drain)

@@ -14,6 +14,8 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from vdiff_client.config import RequestLimits
+
 # vLLM flags accepted and ignored: (names, takes a value)
 IGNORED_FLAGS: tuple[tuple[tuple[str, ...], bool], ...] = (
     (("--tensor-parallel-size", "-tp"), True),
@@ -131,6 +133,8 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--enable-request-id-headers", action="store_true", help="echo X-Request-Id on responses")
     http.add_argument("--disable-fastapi-docs", action="store_true")
     http.add_argument("--enable-force-include-usage", action="store_true", help="usage chunk on every stream")
+    http.add_argument("--trust-request-chat-template", action="store_true",
+                      help="accept a chat_template in requests (off: 400, as in vLLM)")  # fmt: skip
     http.add_argument("--enable-log-requests", action="store_true")
     http.add_argument("--disable-log-requests", action="store_true", help="deprecated in vLLM; the default")
     http.add_argument("--max-log-len", type=int, default=None)
@@ -140,6 +144,38 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generation requests per minute; over it: 429 + Retry-After (default: off)")  # fmt: skip
     limits.add_argument("--rate-limit-tpm", type=positive_int, default=None,
                         help="tokens per minute: prompt + max_tokens, settled to real use (default: off)")  # fmt: skip
+    add_limit_arguments(parser)
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """What one request may ask for (`RequestLimits`); beyond it: 413 for the body, else 400 naming the flag."""
+    default = RequestLimits()
+    limits = parser.add_argument_group("request limits")
+    limits.add_argument("--max-request-body-bytes", type=positive_int, default=default.max_body_bytes,
+                        help="largest request body, chunked or not (TGI's --payload-limit)")  # fmt: skip
+    limits.add_argument("--max-n", type=positive_int, default=default.max_n, help="largest n")
+    limits.add_argument("--max-prompts", type=positive_int, default=default.max_prompts,
+                        help="most prompts in one /v1/completions request")  # fmt: skip
+    limits.add_argument("--max-tokens-limit", type=positive_int, default=default.max_tokens,
+                        help="largest max_tokens (default: the context length)")  # fmt: skip
+    limits.add_argument("--max-steps", type=positive_int, default=default.max_steps,
+                        help="most denoising steps (default: the context length)")  # fmt: skip
+    limits.add_argument("--max-stop-sequences", type=positive_int, default=default.max_stop_sequences,
+                        help="most stop strings, and most stop_token_ids")  # fmt: skip
+    limits.add_argument("--max-stop-length", type=positive_int, default=default.max_stop_length,
+                        help="longest stop string, in characters")  # fmt: skip
+
+
+def request_limits(args: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(
+        max_body_bytes=args.max_request_body_bytes,
+        max_n=args.max_n,
+        max_prompts=args.max_prompts,
+        max_tokens=args.max_tokens_limit,
+        max_steps=args.max_steps,
+        max_stop_sequences=args.max_stop_sequences,
+        max_stop_length=args.max_stop_length,
+    )
 
 
 def add_ignored_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,8 +30,10 @@ def message_text(content: str | list[TextPart] | None) -> str:
         return content or ""
     texts = []
     for index, part in enumerate(content):
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             raise bad_request(f"content part {index} has type '{part.type}'; only text parts are supported", "messages")
+        if part.text is None:
+            raise bad_request(f"content part {index} has type 'text' but no 'text' field", "messages")
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -60,7 +62,7 @@ class ChatServing(Serving):
         if not request.messages:
             raise bad_request("messages must hold at least one message", "messages")
         text = render_messages(self.tokenizer, request, request.messages)
-        return Prompt(self.tokenizer.encode(text, request.add_special_tokens), text)
+        return Prompt(self.tokenizer.encode_prompt(text, request.add_special_tokens), text)
 
     def role(self, request: ChatCompletionRequest) -> str:
         return self.config.response_role if request.add_generation_prompt else request.messages[-1].role

@@ -26,6 +26,7 @@ from vdiff_client.args import (
     add_model_arguments,
     api_keys,
     ignored_flags_given,
+    request_limits,
     uvicorn_options,
 )
 from vdiff_client.calls import ABORT_GRACE_S, Drain
@@ -73,6 +74,7 @@ def proxy_config(args: argparse.Namespace, model_dir: str, triton_url: str, metr
         api_keys=api_keys(args),
         trust_remote_code=args.trust_remote_code,
         chat_template=args.chat_template,
+        trust_request_chat_template=args.trust_request_chat_template,
         response_role=args.response_role,
         generation_config=args.generation_config,
         enable_force_include_usage=args.enable_force_include_usage,
@@ -80,6 +82,7 @@ def proxy_config(args: argparse.Namespace, model_dir: str, triton_url: str, metr
         enable_log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
         rate_limits=RateLimits(args.rate_limit_rpm, args.rate_limit_tpm),
+        limits=request_limits(args),
         shutdown_timeout_s=args.exit_timeout,
     )
 
@@ -100,7 +103,11 @@ def build_proxy(args: argparse.Namespace, model_dir: str, triton_url: str, metri
         log.warning("%s is accepted for vLLM compatibility and ignored", flag)
     config = proxy_config(args, model_dir, triton_url, metrics_url)
     tokenizer = ProxyTokenizer.load(
-        config.tokenizer, config.trust_remote_code, config.chat_template, config.max_model_len
+        config.tokenizer,
+        config.trust_remote_code,
+        config.chat_template,
+        config.max_model_len,
+        config.trust_request_chat_template,
     )
     return build_app(config, tokenizer, http_settings(args))
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from vdiff_client.calls import Call
 from vdiff_client.errors import bad_request
 from vdiff_client.generation import Event, Generation, Prompt
+from vdiff_client.limits import check_at_most
 from vdiff_client.protocol import CompletionRequest
 from vdiff_client.responses import (
     CompletionChoice,
@@ -17,6 +18,7 @@ from vdiff_client.responses import (
     random_id,
     usage,
 )
+from vdiff_client.sampling import check_context
 from vdiff_client.serving import Serving, StreamUsage, sse_stream
 
 EMPTY_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty."
@@ -33,13 +35,15 @@ class CompletionServing(Serving):
             items = [list(raw)]  # type: ignore[arg-type]
         else:
             items = list(raw)  # type: ignore[arg-type]
+        check_at_most("prompt", len(items), self.config.limits.max_prompts, "the number of prompts")
         return [self._prompt(item, request) for item in items]
 
     def _prompt(self, item: str | list[int], request: CompletionRequest) -> Prompt:
         if not item:
             raise bad_request(EMPTY_PROMPT, "prompt")
         if isinstance(item, str):
-            return Prompt(self.tokenizer.encode(item, request.add_special_tokens), item)
+            return Prompt(self.tokenizer.encode_prompt(item, request.add_special_tokens), item)
+        check_context(len(item), None, self.tokenizer.max_model_len)  # before the per-id vocabulary check
         self.tokenizer.check_ids(item)
         return Prompt(item, self.tokenizer.decode(item) if request.echo else "")  # the text only serves echo
 

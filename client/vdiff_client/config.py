@@ -27,6 +27,28 @@ GENERATION_CONFIG_KEYS = {
 
 
 @dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for; beyond it the proxy answers 4xx before any work starts.
+
+    The body limit is TGI's `--payload-limit`, n's is OpenAI's; stop sequences go well past
+    OpenAI's four, as vLLM clients send more. None: the context length is the bound.
+    """
+
+    max_body_bytes: int = 2_000_000
+    max_n: int = 128
+    max_prompts: int = 128  # prompts in one /v1/completions batch
+    max_tokens: int | None = None  # None: the context length is the only bound
+    max_steps: int | None = None  # None: the context length (more steps than canvas positions commit nothing)
+    max_stop_sequences: int = 64  # stop strings, and separately stop_token_ids
+    max_stop_length: int = 1024  # characters of one stop string
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
     triton_url: str  # host:port of Triton's gRPC endpoint
     model: str  # the model as given (path, Hub id or shipped name): /v1/models' `root`
@@ -37,6 +59,7 @@ class ProxyConfig:
     api_keys: tuple[str, ...] = ()
     trust_remote_code: bool = False
     chat_template: str | None = None
+    trust_request_chat_template: bool = False  # let requests bring their own chat_template (unbounded Jinja)
     response_role: str = "assistant"
     generation_config: str = "auto"  # auto: the model's (applied by the engine); vllm; or a directory
     model_dir: str | None = None  # where the model's generation_config.json is, for `auto`
@@ -45,6 +68,7 @@ class ProxyConfig:
     enable_log_requests: bool = False
     max_log_len: int | None = None
     rate_limits: RateLimits = RateLimits()  # per API key, or per address without keys
+    limits: RequestLimits = RequestLimits()  # per request: body size, n, prompts, steps, stop strings
     shutdown_timeout_s: float = 30.0  # how long requests in flight may finish after SIGTERM
     ensemble: str = "vdiff"
     denoiser: str = "diffusion_denoise"

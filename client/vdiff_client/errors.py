@@ -8,7 +8,8 @@ has already started.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -31,6 +32,7 @@ ERROR_TYPES = {
     503: "ServiceUnavailableError",
 }
 MAX_LISTED_ERRORS = 10
+VALIDATOR_CHAIN = re.compile(r"function-\w+\[[^\]]*?, (\w+)\]")  # function-after[_check(), TextPart]
 
 
 class APIError(Exception):
@@ -70,14 +72,52 @@ def model_not_found(name: str) -> APIError:
 
 def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     """pydantic's errors as one message (at most 10 listed) and the dotted path of the first."""
+    if len(errors) == 1 and (problem := body_problem(errors[0])):
+        return problem, "body"
     items = []
     for error in errors[:MAX_LISTED_ERRORS]:
-        location = ".".join(str(part) for part in error.get("loc", ()))
+        location = ".".join(readable_location_part(part) for part in error.get("loc", ()))
         items.append(f"{location}: {error.get('msg', '')} ({error.get('type', 'invalid')})")
     count = len(errors)
     head = f"{count} validation error{'s' if count != 1 else ''}"
     first = ".".join(str(p) for p in errors[0].get("loc", ())) if errors else None
     return f"{head}: " + "; ".join(items), first
+
+
+def readable_location_part(part: Any) -> str:
+    """pydantic names a union member by its validator chain; keep the type's name."""
+    return VALIDATOR_CHAIN.sub(r"\1", str(part))
+
+
+def body_problem(error: Mapping[str, Any]) -> str | None:
+    """A plain sentence for a body that is not a JSON object at all (pydantic's words name no field)."""
+    location, kind = tuple(error.get("loc", ())), error.get("type")
+    if kind == "json_invalid":
+        position = f": character {location[1]}" if len(location) > 1 else ""
+        return f"the request body is not valid JSON: {error.get('ctx', {}).get('error', 'decode error')}{position}"
+    if location != ("body",):
+        return None
+    if kind == "missing":
+        return "the request body is empty; send a JSON object"
+    if kind in ("model_attributes_type", "dict_type"):
+        return f"the request body must be a JSON object, got {json_type(error.get('input'))}"
+    return None
+
+
+def json_type(value: Any) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def unreadable_body_message(cause: BaseException | None) -> str | None:
+    """Why FastAPI could not parse a body ("There was an error parsing the body" says nothing)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8: {cause.reason} at byte {cause.start}"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON: it is nested too deeply"
+    if isinstance(cause, ValueError):  # e.g. an integer of more digits than Python converts
+        return f"the request body is not valid JSON: {cause}"
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -92,7 +132,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-        return APIError(error.status_code, str(error.detail)).response()
+        message = unreadable_body_message(error.__cause__) if error.status_code == 400 else None
+        return APIError(error.status_code, message or str(error.detail)).response()
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, error: Exception) -> JSONResponse:

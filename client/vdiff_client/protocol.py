@@ -4,6 +4,8 @@ Unknown fields are accepted and ignored (with a log line), as vLLM does, so clie
 vLLM or OpenAI keep working. vLLM's sampling extras that the diffusion sampler has no use for are
 declared, so that a request that *sets* one gets a 400 naming it (see `sampling.unsupported`)
 instead of a silent ignore. The diffusion options carry the names of `vdiff.SamplingParams`.
+What Python's json accepts but JSON has not (NaN, Infinity, lone surrogates) is refused anywhere
+in a body, unknown fields included, before any field is read (`limits.refuse_non_json_values`).
 """
 
 from __future__ import annotations
@@ -13,19 +15,31 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vdiff_client.limits import refuse_non_json_values
+
 log = logging.getLogger(__name__)
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _log_extra_fields(self) -> OpenAIBaseModel:
         if self.model_extra:
             log.warning("ignoring unknown request fields: %s", sorted(self.model_extra))
         return self
+
+
+class RequestBody(OpenAIBaseModel):
+    """A whole request body: NaN, Infinity and lone surrogates are refused before any field is read."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_non_json_values(cls, data: Any) -> Any:
+        refuse_non_json_values(data)
+        return data
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -37,7 +51,7 @@ class ResponseFormat(OpenAIBaseModel):
     type: str = "text"
 
 
-class DiffusionFields(OpenAIBaseModel):
+class DiffusionFields(RequestBody):
     """vdiff's sampler options (SamplingParams names), sent as extra body fields."""
 
     steps: int | None = None
@@ -134,7 +148,7 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(OpenAIBaseModel):
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -146,7 +160,7 @@ class TokenizeRequest(OpenAIBaseModel):
     return_token_strs: bool = False
 
 
-class DetokenizeRequest(OpenAIBaseModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

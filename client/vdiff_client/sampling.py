@@ -16,7 +16,7 @@ from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import bad_request, not_supported
 from vdiff_client.protocol import SamplingFields
 
-UINT64 = 2**64
+SEEDS = 2**63  # the engine takes seeds in [0, 2**63 - 1]; vLLM's requests allow any int64
 MAX_TEMPERATURE = 2
 
 
@@ -134,8 +134,8 @@ def ensemble_values(
     }
     values |= {name: value for name, value in chosen.items() if value is not None}
     if request.seed is not None:
-        # n samples from one seed must differ; the ensemble's seed is unsigned
-        values["seed"] = (request.seed + sample) % UINT64
+        # n samples from one seed must differ; a negative seed maps into the engine's range
+        values["seed"] = (request.seed + sample) % SEEDS
     if request.stop_strings():
         values["stop_words"] = request.stop_strings()
     if request.stop_token_ids:

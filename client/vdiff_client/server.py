@@ -27,6 +27,7 @@ from vdiff_client.completions import CompletionServing
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import install_error_handlers
 from vdiff_client.health import HealthCheck
+from vdiff_client.limits import BodySizeLimit
 from vdiff_client.metrics import HTTP_METRICS_EXCLUDED, ProxyMetrics
 from vdiff_client.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from vdiff_client.ratelimit import RateLimiter, RateLimitMiddleware
@@ -152,6 +153,7 @@ def build_app(
     app.state.drain = drain
     install_error_handlers(app)
     # added innermost first: metrics see every answer, auth runs before the drain and the budgets
+    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
     if limiter is not None:
         keyed = bool(config.api_keys)
         app.add_middleware(RateLimitMiddleware, limiter=limiter, keyed=keyed, on_reject=metrics.rejected)

@@ -9,6 +9,7 @@ from vdiff_client.calls import Call
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import APIError, model_not_found
 from vdiff_client.generation import Generation, Prompt, make_jobs
+from vdiff_client.limits import check_limits
 from vdiff_client.metrics import ProxyMetrics
 from vdiff_client.protocol import SamplingFields, StreamOptions
 from vdiff_client.ratelimit import RateLimiter, TokenCharge
@@ -43,9 +44,11 @@ class Serving:
             raise model_not_found(name)
 
     def check_request(self, request: SamplingFields, max_tokens: int | None) -> None:
-        """Refused features and vLLM's sampling rules, before any tokenizing."""
+        """Refused features, vLLM's sampling rules and this server's limits, before any tokenizing."""
         check_supported(request)
         check_sampling(request, max_tokens, self.config.sampling_defaults)
+        check_limits(request, max_tokens, self.config.limits, self.tokenizer.max_model_len)
+        self.tokenizer.check_ids(request.stop_token_ids or [], "stop_token_ids")  # the ensemble input is INT32
 
     def start(
         self, request: SamplingFields, call: Call, request_id: str, prompts: list[Prompt], max_tokens: int | None

@@ -7,6 +7,7 @@ ensemble's `input_ids`), so usage numbers and limits agree with what the engine 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -19,29 +20,61 @@ log = logging.getLogger(__name__)
 
 # config.json keys that bound the sequence (LLaDA, then Qwen2/Dream and other HF names)
 LENGTH_KEYS = ("max_sequence_length", "max_position_embeddings", "n_positions", "max_seq_len")
+UNTRUSTED_TEMPLATE = (
+    "Chat template is passed with request, but --trust-request-chat-template is not set. "
+    "Refused request with untrusted chat template."
+)  # vLLM's words
 
 
 class ProxyTokenizer:
-    def __init__(self, hf: Any, max_model_len: int) -> None:
+    def __init__(self, hf: Any, max_model_len: int, trust_request_chat_template: bool = False) -> None:
         self.hf = hf
         self.max_model_len = max_model_len
+        # a request's own template runs unbounded Jinja here (memory, time): vLLM refuses it by default too
+        self.trust_request_chat_template = trust_request_chat_template
 
     @classmethod
     def load(
-        cls, source: str, trust_remote_code: bool, chat_template: str | None, max_model_len: int
+        cls,
+        source: str,
+        trust_remote_code: bool,
+        chat_template: str | None,
+        max_model_len: int,
+        trust_request_chat_template: bool = False,
     ) -> ProxyTokenizer:
         hf = _auto_tokenizer(source, trust_remote_code)
         if chat_template is not None:
             hf.chat_template = read_template(chat_template)
-        return cls(hf, max_model_len)
+        return cls(hf, max_model_len, trust_request_chat_template)
 
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
 
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """The longest vocabulary entry: no token stands for more characters of text than its entry has."""
+        return max((len(token) for token in self.hf.get_vocab()), default=1)
+
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens)
         return ids
+
+    def encode_prompt(self, text: str, add_special_tokens: bool) -> list[int]:
+        """`encode`, but a text too long for the context is refused untokenized.
+
+        Tokenizing megabytes takes seconds on the event loop, so the bound comes from the
+        text's length: it holds at least len(text) / longest_token_chars tokens.
+        """
+        fewest_tokens = -(-len(text) // self.longest_token_chars)
+        if fewest_tokens >= self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+                f"at least {fewest_tokens} input tokens ({len(text)} characters). Please reduce the length of "
+                "the input messages.",
+                "messages",
+            )
+        return self.encode(text, add_special_tokens)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         text: str = self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -52,9 +85,12 @@ class ProxyTokenizer:
         return strs
 
     def check_ids(self, ids: Sequence[int], param: str = "prompt") -> None:
+        vocab_size = self.vocab_size  # len() of a transformers tokenizer is not free: once per list
         for token in ids:
-            if not 0 <= token < self.vocab_size:
-                raise bad_request(f"Token id {token} is out of vocabulary", param)
+            if not 0 <= token < vocab_size:
+                raise bad_request(
+                    f"Token id {token} is out of vocabulary ({param}: ids run from 0 to {vocab_size - 1})", param
+                )
 
     def render_chat(
         self,
@@ -64,6 +100,8 @@ class ProxyTokenizer:
         template: str | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
+        if template is not None and not self.trust_request_chat_template:
+            raise bad_request(UNTRUSTED_TEMPLATE, "chat_template")
         if template is None and not isinstance(getattr(self.hf, "chat_template", None), str):
             raise bad_request("this model's tokenizer has no chat template; start the server with --chat-template")
         if add_generation_prompt and continue_final_message:
@@ -74,7 +112,7 @@ class ProxyTokenizer:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
-                chat_template=read_template(template) if template is not None else None,
+                chat_template=template,  # the text itself: a request must not name a file to read
                 **dict(template_kwargs or {}),
             )
         except Exception as error:  # jinja raises its own types; every one is a problem with this request

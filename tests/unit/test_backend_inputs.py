@@ -9,7 +9,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from vdiff.backend.inputs import LIST_OPTIONS, OPTIONS, InvalidInputError, parse_options, text_input
+from vdiff.backend.inputs import LIST_OPTIONS, OPTIONS, InvalidInputError, name_inputs, parse_options, text_input
 from vdiff.backend.settings import BackendSettings
 from vdiff.serve.repository import SOURCE, read_parameters, render_repository, set_parameters
 
@@ -64,6 +64,17 @@ def test_bad_options_name_the_input(inputs: dict, message: str) -> None:
     with pytest.raises(InvalidInputError) as error:
         parse_options(inputs)
     assert message in str(error.value)
+
+
+def test_engine_messages_name_the_input_they_concern() -> None:
+    assert (
+        name_inputs("prompt_token_ids[0] is the mask token id 9")
+        == "input 'input_ids': prompt_token_ids[0] is the mask token id 9"
+    )
+    assert (
+        name_inputs("block_length applies to LLaDA's algorithms")
+        == "input 'block_length': block_length applies to LLaDA's algorithms"
+    )
 
 
 def test_text_input_is_required_and_not_empty() -> None:

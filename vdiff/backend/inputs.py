@@ -145,7 +145,13 @@ def _decode(name: str, value: Any) -> str:
 
 
 def name_inputs(message: str) -> str:
-    """SamplingParams names its fields; say which input that is where the names differ."""
+    """SamplingParams names its fields; say which input that is where the names differ.
+
+    The engine's prompt checks ("prompt_token_ids[3] is the mask token id ...") are about `input_ids`;
+    clients read the status from this wording, so an unnamed message would look like a server fault.
+    """
+    if message.startswith(("prompt_token_ids", "prompt is empty")):
+        return f"input 'input_ids': {message}"
     for option in OPTIONS:
         if option.field is not None and option.field != option.name and message.startswith(option.field + " "):
             return f"input '{option.name}': {message}"
