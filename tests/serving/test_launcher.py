@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import http_post, read_metric
+from clients import http_post, processes_mentioning, read_metric
 from vdiff.serve.launcher import free_loopback_address
 
 
@@ -71,6 +71,17 @@ def test_serve_answers_and_drains_a_request_in_flight_on_sigterm(tiny_llada: Pat
     assert status == 200, body
     assert json.loads(body)["num_output_tokens"] == 256  # finished, not cut off
     assert any("draining requests in flight" in line for line in server.output)
+
+
+def test_tritonserver_stops_when_vdiff_is_killed(tiny_llada: Path, tmp_path: Path) -> None:
+    server = ServeProcess("--model", str(tiny_llada), "--workdir", str(tmp_path))
+    server.wait_for_line("vdiff is serving", timeout=180)
+    assert processes_mentioning(str(tmp_path))  # tritonserver and its stubs run from the work directory
+    server.process.kill()  # no chance to stop its child: the kernel's parent-death signal must
+    deadline = time.monotonic() + 60
+    while processes_mentioning(str(tmp_path)):
+        assert time.monotonic() < deadline, f"outlived vdiff: {processes_mentioning(str(tmp_path))}"
+        time.sleep(0.5)
 
 
 def test_serve_exits_nonzero_with_the_server_log_when_tritonserver_dies(tmp_path: Path) -> None:

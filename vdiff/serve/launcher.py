@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ from vdiff.serve.repository import render_repository
 from vdiff.serve.tritonserver import TritonInstallation, find_tritonserver, server_environment
 
 LOG_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class TritonProcess:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a terminal's Ctrl-C reaches us only; we forward one signal
+            preexec_fn=_stop_with_parent,
             text=True,
             errors="replace",
         )
@@ -150,6 +153,14 @@ class TritonProcess:
 
     def last_lines(self) -> str:
         return "\n".join(self.tail)
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: on Linux, SIGTERM tritonserver if its parent dies without stopping it
+    (kill -9, the OOM killer), so that it drains and stops its backend stubs instead of living on."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_loopback_address() -> ServerAddress:
