@@ -106,13 +106,14 @@ def test_detokenizer_returns_the_delta_and_stops_cancelled_work(
     tokenizer = Tokenizer.load(tiny_llada)
     ids = tokenizer.encode("one two three")
     full = tokenizer.decode(ids)
-    update = Update("vdiff-7", ids, len("one"), len(full), 2, "", 4, 9, "")
+    update = Update("vdiff-7", ids, len("one"), len(full), 2, "", 4, 9, 0.25, "")
     live = pb.Request(denoiser_outputs(update))
     cancelled = pb.Request(denoiser_outputs(update), cancelled=True)
     pb.InferenceRequest.executed.clear()
     first, second = model.execute([live, cancelled])
     assert first.outputs()["TEXT_OUTPUT"].tolist() == [[full[len("one") :].encode()]]
     assert first.outputs()["STEP_INDEX"].tolist() == [[9]] and first.outputs()["NUM_OUTPUT_TOKENS"].tolist() == [[2]]
+    assert first.outputs()["QUEUE_TIME"].tolist() == [[0.25]]
     assert not second.has_error()  # an error here would leave Triton 2.51's ensemble waiting forever
     (order,) = pb.InferenceRequest.executed
     assert order.model_name == "diffusion_denoise" and order.request_id == "vdiff-7"
