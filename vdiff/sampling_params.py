@@ -128,6 +128,7 @@ class SamplingDefaults:
     max_tokens: int = 128  # LLaDA generate() gen_length
     temperature: float = 0.0
     steps: int | None = None  # None: one step per generated token (LLaDA's published 128 / 128)
+    block_length: int | None = None  # LLaDA's algorithms; None: 32 tokens (or max_tokens when fewer)
     eps: float = 1e-3  # Dream's DreamGenerationConfig
     alg_temp: float | None = None
     top_p: float | None = None
@@ -144,6 +145,7 @@ class SamplingDefaults:
             "max_new_tokens": "max_tokens",
             "temperature": "temperature",
             "steps": "steps",
+            "block_length": "block_length",
             "eps": "eps",
             "alg_temp": "alg_temp",
             "top_p": "top_p",

@@ -78,6 +78,17 @@ def test_llada_family_defaults() -> None:
     assert (params.max_tokens, params.block_length, params.steps, params.temperature) == (90, 32, 96, 0.0)
 
 
+def test_llada_block_length_comes_from_generation_config() -> None:
+    defaults = SamplingDefaults.for_model("llada", {"block_length": 40, "steps": 40, "max_new_tokens": 40})
+    params = defaults.apply(SamplingParams(), prompt_len=10, max_sequence_length=100)
+    params = get_strategy("low_confidence").resolve(params, defaults)
+    assert (params.max_tokens, params.block_length, params.steps) == (40, 40, 40)  # one block, as trained
+    short = get_strategy("low_confidence").resolve(SamplingParams(max_tokens=8), defaults)
+    assert short.block_length == 8  # never a block longer than the answer asked for
+    explicit = get_strategy("low_confidence").resolve(SamplingParams(max_tokens=40, block_length=8), defaults)
+    assert explicit.block_length == 8
+
+
 @pytest.mark.parametrize(
     ("algorithm", "fields", "message"),
     [

@@ -45,7 +45,7 @@ class LLaDASampler(DecodingStrategy):
             if getattr(params, name) is not None:
                 raise ValueError(f"{name} applies to Dream's algorithms, not to {self.name!r}")
         max_tokens = _max_tokens(params)
-        block = params.block_length or min(DEFAULT_BLOCK_LENGTH, max_tokens)
+        block = params.block_length or min(defaults.block_length or DEFAULT_BLOCK_LENGTH, max_tokens)
         num_blocks = math.ceil(max_tokens / block)
         steps = params.steps or defaults.steps or num_blocks * block
         if steps % num_blocks:
