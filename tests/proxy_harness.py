@@ -54,7 +54,6 @@ def running_proxy(config: ProxyConfig, http: HTTPSettings | None = None) -> Iter
     app = build_app(config, tokenizer, http)
     port = free_loopback_address().http_port
     server = ProxyServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app.state.drain)
-    app.state.drain.on_drained = lambda: setattr(server, "should_exit", True)
     thread = threading.Thread(target=server.run, name="proxy", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vdiff.models.checkpoint import Checkpoint, resolve_model_dir
+from vdiff_client.tokenizer import read_template
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class Tokenizer:
         source = resolve_model_dir(tokenizer) if tokenizer is not None else checkpoint.path
         hf = _auto_tokenizer(source, trust_remote_code)
         if chat_template is not None:
-            hf.chat_template = _read_template(chat_template)
+            hf.chat_template = read_template(chat_template)
         return cls(hf, resolve_special_tokens(hf, checkpoint.config, checkpoint.generation_config))
 
     @property
@@ -151,14 +152,3 @@ def _auto_tokenizer(source: Path, trust_remote_code: bool) -> Any:
             raise TokenizerError(f"cannot load a tokenizer from {source}: {error}") from None
         log.warning("%s: %s; loading tokenizer.json as a PreTrainedTokenizerFast", source, error)
         return PreTrainedTokenizerFast.from_pretrained(str(source))
-
-
-def _read_template(template: str) -> str:
-    """--chat-template takes a file path or the template text itself, as in vLLM."""
-    path = Path(template)
-    try:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    except OSError:
-        pass  # a long inline template is not a valid path on every filesystem
-    return template

@@ -34,6 +34,13 @@ def route_path(scope: Scope) -> str:
     return path[len(root) :] if root and path.startswith(root) else path
 
 
+def bearer_token(scope: Scope) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, if there is one."""
+    header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    return token if scheme.lower() == "bearer" else None
+
+
 @dataclass(eq=False)
 class Call:
     """One /v1 request: whose budget it uses and how to abort it."""

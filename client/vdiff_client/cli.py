@@ -41,7 +41,8 @@ log = logging.getLogger("vdiff_client")
 class ProxyServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
         super().__init__(config)
-        self.drain = drain  # the app's; a signal starts it
+        self.drain = drain  # the app's; a signal starts it, and once drained it stops this server
+        drain.on_drained = lambda: setattr(self, "should_exit", True)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -123,8 +124,6 @@ def make_server(app: FastAPI, args: argparse.Namespace) -> ProxyServer:
 def stop_on_signals(server: ProxyServer, on_first: str) -> Iterator[None]:
     """First SIGTERM/SIGINT: drain (new requests 503, /health 503, requests in flight finish), then
     stop; a second one: stop now."""
-    drain = server.drain
-    drain.on_drained = lambda: setattr(server, "should_exit", True)
     signalled = False
 
     def handle(signum: int, frame: FrameType | None) -> None:
@@ -134,7 +133,7 @@ def stop_on_signals(server: ProxyServer, on_first: str) -> Iterator[None]:
             return
         signalled = True
         print(on_first, file=sys.stderr, flush=True)
-        drain.begin_threadsafe()
+        server.drain.begin_threadsafe()
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

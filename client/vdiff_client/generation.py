@@ -73,14 +73,16 @@ class Generation:
     async def events(self) -> AsyncGenerator[Event, None]:
         """Every choice's responses as they arrive; an error ends it (as an APIError)."""
         queue: asyncio.Queue[Item] = asyncio.Queue()
-        unregister = self.call.on_abort(lambda message: queue.put_nowait((-1, None, TritonRequestError(503, message))))
+        unregister = self.call.on_abort(
+            lambda message: queue.put_nowait((-1, None, TritonRequestError(503, message, "shutdown")))
+        )
         tasks = [asyncio.create_task(self._pump(job, queue)) for job in self.jobs]
         unfinished = len(tasks)
         try:
             while unfinished:
                 index, delta, error = await queue.get()
                 if error is not None:
-                    self.tracker.on_error(error.status, error.message)
+                    self.tracker.on_error(error)
                     raise as_api_error(error)
                 assert delta is not None
                 self.tracker.on_delta(index, delta)

@@ -79,7 +79,7 @@ class HealthCheck:
             async for _ in self.backend.generate(f"health-{secrets.token_hex(4)}", self.probe_values):
                 pass
         except TritonRequestError as error:
-            if error.status == 503 and "at capacity" in error.message:
+            if error.reason == "capacity":
                 return True
             log.warning("health probe failed: %s", error.message)
             return False

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from vdiff_client.triton import Delta
+from vdiff_client.triton import Delta, TritonRequestError
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +180,10 @@ class RequestTracker:
             m.tokens_per_nfe.observe(generated / delta.nfe)
         m.finished(delta.finish_reason or "stop")
 
-    def on_error(self, status: int, message: str) -> None:
-        """A refusal before any response is a rejection; its reason is read from the message."""
-        if status != 503 or self.responded:
-            return
-        if "at capacity" in message:
-            self.metrics.rejected("capacity")
-        elif "shutting down" in message or "shut down" in message:
-            self.metrics.rejected("shutdown")
-        else:
-            self.metrics.rejected("unavailable")
+    def on_error(self, error: TritonRequestError) -> None:
+        """A refusal (503) before any response is a rejection, counted by its reason."""
+        if error.reason is not None and not self.responded:
+            self.metrics.rejected(error.reason)
 
     def on_abort(self) -> None:
         """The choices that never finished (client gone, error) end as aborted."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vdiff_client.calls import Call, route_path
+from vdiff_client.calls import Call, bearer_token, route_path
 from vdiff_client.errors import APIError
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
@@ -230,9 +230,6 @@ class RateLimitMiddleware:
         await self.app(scope, receive, send_with_headers)
 
     def _client(self, scope: Scope) -> str:
-        api_key = None
-        if self.keyed:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            api_key = header.partition(" ")[2] or None
+        api_key = bearer_token(scope) if self.keyed else None  # the middleware before checked it
         address = scope.get("client")
         return client_key(api_key, address[0] if address else None)

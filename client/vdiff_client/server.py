@@ -21,7 +21,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdiff_client import __version__
-from vdiff_client.calls import Call, Drain, DrainMiddleware, route_path
+from vdiff_client.calls import Call, Drain, DrainMiddleware, bearer_token, route_path
 from vdiff_client.chat import ChatServing, render_messages
 from vdiff_client.completions import CompletionServing
 from vdiff_client.config import ProxyConfig
@@ -110,9 +110,8 @@ class APIKeyMiddleware:
         return route_path(scope).startswith("/v1")
 
     def _allowed(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
+        token = bearer_token(scope)
+        if token is None:
             return False
         digest = hashlib.sha256(token.encode()).digest()
         return any(secrets.compare_digest(digest, known) for known in self.digests)

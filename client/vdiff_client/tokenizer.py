@@ -145,7 +145,7 @@ def parse_max_model_len(text: str) -> int:
 
 
 def read_template(template: str) -> str:
-    """--chat-template and the request's chat_template take a file path or the template itself."""
+    """--chat-template takes a file path or the template text itself, as in vLLM."""
     path = Path(template)
     try:
         if path.is_file():

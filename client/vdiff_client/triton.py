@@ -7,7 +7,7 @@ caller stops early (client disconnect, error), the stream is cancelled and a sto
 request id goes straight to the denoiser, which ends the request at its next step, queued or not.
 
 Triton 2.51 passes on only the message of a model's error over gRPC streaming (no status), so the
-status is read back from the denoiser's own wording (`status_of`).
+status and, for a refusal, its reason are read back from the denoiser's own wording (`request_error`).
 """
 
 from __future__ import annotations
@@ -27,29 +27,37 @@ from tritonclient.utils import InferenceServerException
 log = logging.getLogger(__name__)
 
 NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_, "BYTES": np.object_}
-# the denoiser's words for a full or stopping server (vdiff/backend/service.py)
-UNAVAILABLE_PHRASES = ("the server is at capacity", "the server is shutting down", "the server shut down")
+# the denoiser's words for a full or stopping server (vdiff/backend/service.py) -> why it refused
+REFUSAL_PHRASES = {
+    "the server is at capacity": "capacity",
+    "the server is shutting down": "shutdown",
+    "the server shut down": "shutdown",
+}
 ENSEMBLE_PREFIX = "in ensemble '"
 # gRPC codes that mean "Triton is not there (now)": the client should retry, maybe elsewhere
 UNREACHABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class TritonRequestError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    """An HTTP status and message; a 503 also says why (capacity, shutdown, unavailable)."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.reason = reason or ("unavailable" if status == 503 else None)
 
 
-def status_of(message: str) -> tuple[int, str]:
-    """HTTP status and message for a Triton error message: 503 full, 400 invalid input, else 500."""
+def request_error(message: str) -> TritonRequestError:
+    """The error for a Triton error message: 503 full or stopping, 400 invalid input, else 500."""
     if message.startswith(ENSEMBLE_PREFIX) and "', " in message:
         message = message.split("', ", 1)[1]
-    if any(phrase in message for phrase in UNAVAILABLE_PHRASES):
-        return 503, message
+    for phrase, reason in REFUSAL_PHRASES.items():
+        if phrase in message:
+            return TritonRequestError(503, message, reason)
     if message.startswith(("input '", "send the prompt", "exclude_input_in_output")):
-        return 400, message
-    return 500, message
+        return TritonRequestError(400, message)
+    return TritonRequestError(500, message)
 
 
 def transport_error(error: grpc.RpcError | InferenceServerException) -> TritonRequestError:
@@ -118,7 +126,7 @@ class TritonBackend:
             async for result, error in stream:
                 if error is not None:
                     finished = True
-                    raise TritonRequestError(*status_of(error.message()))
+                    raise request_error(error.message())
                 delta = _delta(result)
                 finished = delta.finish_reason is not None
                 yield delta
