@@ -1,0 +1,1 @@
+"""Training-side code for the demo models that ship with vdiff (tools/train_tiny.py drives it)."""
