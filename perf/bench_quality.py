@@ -1,0 +1,242 @@
+"""Accuracy against speed: decoding configurations on the demo task's held-out problems.
+
+    python perf/bench_quality.py [--model vdiff-demo] [--verifier vdiff-demo-ar] [--per-family 50]
+        [--configs "default:" "2/step:steps=20" ...] [--device cpu] [--out perf/results/quality_vdiff-demo]
+
+Every configuration answers the same fixed held-out sample (vdiff/training/demo_task.py, never
+trained on) one request at a time through the offline engine, so latency is a single request's
+and tokens/s is what one user sees, as the APD and Fast-dLLM papers report it. A configuration is
+`NAME:field=value,...` over SamplingParams fields (steps, block_length, algorithm, max_tokens,
+temperature, ...); an empty list after the colon is the model's own generation_config defaults.
+`--verifier` adds the autoregressive verifier alone (greedy, transformers' generate) as a row.
+
+Per configuration and family: exact-match accuracy; per configuration: NFE per generated token
+(forwards / tokens up to and including EOS), generated tokens per second, mean latency. Writes
+OUT.json, OUT.md and OUT.png (mean accuracy against tokens/s, the Pareto frontier drawn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from vdiff import LLM, SamplingParams  # noqa: E402
+from vdiff.models.checkpoint import resolve_model_dir  # noqa: E402
+from vdiff.training.demo_task import FAMILIES, Problem, accuracy_by_family, held_out_set  # noqa: E402
+
+DEFAULT_CONFIGS = (
+    "default:",  # one token per step, low-confidence remasking, greedy (the checkpoint's generation_config)
+    "2/step:steps=20",
+    "4/step:steps=10",
+    "8/step:steps=5",
+    "random-remask:algorithm=random",
+    "blocks-of-8:block_length=8",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    reply: str
+    tokens: int  # generated tokens up to and including the one that stopped it
+    nfe: int  # forward passes
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    params: dict[str, Any]
+    accuracy: dict[str, float]  # per family, and "mean"
+    nfe_per_token: float
+    tokens_per_s: float
+    mean_latency_s: float
+
+
+def parse_config(text: str) -> tuple[str, dict[str, Any]]:
+    """'NAME:steps=20,algorithm=random' -> ('NAME', {'steps': 20, 'algorithm': 'random'})."""
+    name, sep, fields = text.partition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: a configuration is NAME:field=value,... (NAME: for defaults)")
+    known = {f.name: f for f in dataclasses.fields(SamplingParams)}
+    params: dict[str, Any] = {}
+    for item in filter(None, fields.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in known:
+            raise argparse.ArgumentTypeError(f"{text!r}: {item!r} is not field=value over {sorted(known)}")
+        params[key] = _typed(value)
+    return name, params
+
+
+def _typed(value: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+def timed(answer_one: Callable[[str], tuple[str, int, int]], questions: Sequence[str]) -> list[Answer]:
+    answers = []
+    for question in questions:
+        started = time.perf_counter()
+        reply, tokens, nfe = answer_one(question)
+        answers.append(Answer(reply, tokens, nfe, time.perf_counter() - started))
+    return answers
+
+
+def diffusion_answerer(llm: LLM, params: SamplingParams) -> Callable[[str], tuple[str, int, int]]:
+    def answer(question: str) -> tuple[str, int, int]:
+        (output,) = llm.chat([{"role": "user", "content": question}], params)
+        return output.text, len(output.token_ids), output.nfe
+
+    return answer
+
+
+def verifier_answerer(model_dir: Path, device: str) -> Callable[[str], tuple[str, int, int]]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+
+    @torch.no_grad()
+    def answer(question: str) -> tuple[str, int, int]:
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(device)
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False)[0, ids.shape[1] :]
+        return tokenizer.decode(generated, skip_special_tokens=True), len(generated), len(generated)
+
+    return answer
+
+
+def summarise(name: str, params: dict[str, Any], problems: list[Problem], answers: list[Answer]) -> Row:
+    accuracy = accuracy_by_family(problems, [a.reply for a in answers])
+    tokens, seconds = sum(a.tokens for a in answers), sum(a.seconds for a in answers)
+    return Row(
+        name=name,
+        params=params,
+        accuracy={family: round(value, 4) for family, value in accuracy.items()},
+        nfe_per_token=round(sum(a.nfe for a in answers) / max(tokens, 1), 3),
+        tokens_per_s=round(tokens / seconds, 1),
+        mean_latency_s=round(mean(a.seconds for a in answers), 4),
+    )
+
+
+def markdown(rows: list[Row], header: str) -> str:
+    families = [f for f in FAMILIES if f in rows[0].accuracy]
+    lines = [
+        header,
+        "",
+        "| configuration | " + " | ".join(families) + " | mean | NFE/token | tokens/s | latency (ms) |",
+        "|---" * (len(families) + 5) + "|",
+    ]
+    for row in rows:
+        cells = [f"{100 * row.accuracy[f]:.0f}" for f in families]
+        lines.append(
+            f"| {row.name} | " + " | ".join(cells) + f" | {100 * row.accuracy['mean']:.1f} | "
+            f"{row.nfe_per_token:.2f} | {row.tokens_per_s:.0f} | {1000 * row.mean_latency_s:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def pareto(rows: list[Row]) -> list[Row]:
+    """Rows no other row beats on both accuracy and tokens/s, fastest first."""
+    ordered = sorted(rows, key=lambda r: (-r.tokens_per_s, -r.accuracy["mean"]))
+    frontier: list[Row] = []
+    for row in ordered:
+        if not frontier or row.accuracy["mean"] > frontier[-1].accuracy["mean"]:
+            frontier.append(row)
+    return frontier
+
+
+def plot(rows: list[Row], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.scatter([r.tokens_per_s for r in rows], [100 * r.accuracy["mean"] for r in rows], color="tab:blue")
+    for row in rows:
+        axes.annotate(row.name, (row.tokens_per_s, 100 * row.accuracy["mean"]), fontsize=8, xytext=(4, 4),
+                      textcoords="offset points")  # fmt: skip
+    frontier = pareto(rows)
+    axes.plot([r.tokens_per_s for r in frontier], [100 * r.accuracy["mean"] for r in frontier], "--", color="gray")
+    axes.set(xlabel="generated tokens/s (one request at a time)", ylabel="exact match, mean of families (%)")
+    axes.set_ylim(0, 100)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    torch.set_num_threads(args.threads)
+    problems = held_out_set(args.per_family)
+    questions = [p.question for p in problems]
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=1)
+    rows = []
+    for name, params in args.configs:
+        answers = timed(diffusion_answerer(llm, SamplingParams(**params)), questions)
+        rows.append(summarise(name, params, problems, answers))
+        print(markdown(rows[-1:], name).splitlines()[-1], flush=True)
+    if args.verifier:
+        answers = timed(verifier_answerer(resolve_model_dir(args.verifier), args.device), questions)
+        rows.append(summarise(f"{args.verifier} (AR, greedy)", {}, problems, answers))
+        print(markdown(rows[-1:], "").splitlines()[-1], flush=True)
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vdiff-demo")
+    p.add_argument("--verifier", default=None, help="an autoregressive model to time alone, e.g. vdiff-demo-ar")
+    p.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config(c) for c in DEFAULT_CONFIGS])
+    p.add_argument("--per-family", type=int, default=50, help="held-out problems per family")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=None, help="path without suffix (default perf/results/quality_MODEL)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = run(args)
+    out = Path(args.out or ROOT / "perf" / "results" / f"quality_{Path(args.model).name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = f"{processor_name()}, {torch.get_num_threads()} threads, {args.device}"
+    header = f"{args.model} on {args.per_family} held-out problems per family ({machine}); command: {_command()}"
+    out.with_suffix(".md").write_text(markdown(rows, header))
+    report = {"command": _command(), "machine": machine, "model": args.model, "verifier": args.verifier,
+              "per_family": args.per_family, "rows": [dataclasses.asdict(r) for r in rows]}  # fmt: skip
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, f"{args.model}: accuracy against speed ({machine})", out.with_suffix(".png"))
+    print(f"wrote {out}.json, .md and .png")
+
+
+def processor_name() -> str:
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def _command() -> str:
+    return "python perf/bench_quality.py " + " ".join(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()
