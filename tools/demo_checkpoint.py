@@ -130,7 +130,7 @@ def save_checkpoint(
 ) -> Path:
     """config.json, generation_config.json, model.safetensors and the tokenizer files in `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().to(dtype).contiguous() for name, t in sorted(model.state_dict().items())}
+    state = {name: t.detach().to("cpu", dtype).contiguous() for name, t in sorted(model.state_dict().items())}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     write_json(out / "config.json", {**config, "torch_dtype": str(dtype).removeprefix("torch.")})
     write_json(out / "generation_config.json", generation)

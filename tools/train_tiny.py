@@ -148,6 +148,7 @@ def train_llada(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dic
     assert architecture is not None
     model = architecture.build(raw)
     init_weights(model, size.layers)
+    model.to(args.device)
     print(f"vdiff-demo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
     mask_id, out = raw["mask_token_id"], Path(args.llada_out)
     generation = ckpt.llada_generation_config(tokenizer, config.answer_len)
@@ -160,7 +161,7 @@ def train_llada(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dic
         ckpt.save_checkpoint(model, out, raw, generation, tokenizer, dtype)
         # block_length: the engine's LLaDA default (32) would cut a longer answer canvas into blocks
         params = SamplingParams(block_length=config.answer_len)
-        return score(held_out, llada_replies(out, [p.question for p in held_out], params))
+        return score(held_out, llada_replies(out, [p.question for p in held_out], params, args.device))
 
     train("vdiff-demo", model, loss_of, evaluate, config)
     final = evaluate(getattr(torch, args.save_dtype))
@@ -176,6 +177,7 @@ def train_ar(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dict[s
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(LlamaConfig(**raw))
     init_weights(model, size.layers)
+    model.to(args.device)
     print(f"vdiff-demo-ar: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
     out, eos = Path(args.ar_out), tokenizer.eos_token_id
     held_out = held_out_set(config.eval_per_family)
@@ -218,6 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ar-out", default="build/demo/vdiff-demo-ar")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu (the shipped models' budget) or cuda (recipe sweeps)")
     p.add_argument("--steps", type=int, default=8000, help="diffusion-model optimizer steps")
     p.add_argument("--ar-steps", type=int, default=3500)
     p.add_argument("--batch", type=int, default=64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vdiff.training.sft import MASK_FLOOR, causal_lm_loss, llada_sft_loss, sft_batch, stratified_times
@@ -64,11 +65,15 @@ def test_sft_loss_is_an_unbiased_estimate_of_the_mean_token_loss() -> None:
 
 
 def test_causal_loss_covers_the_answer_through_its_first_eos_only() -> None:
-    class Labels(nn.Module):
-        def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> object:
-            self.labels = labels
-            return type("Out", (), {"loss": torch.tensor(0.0)})()
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = Labels()
-    causal_lm_loss(model, sft_batch([[1, 2]], [[4]], answer_len=3, eos=EOS), EOS)
-    assert model.labels.tolist() == [[-100, -100, 4, EOS, -100]]
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    batch = sft_batch([[1, 2]], [[4]], answer_len=3, eos=EOS)  # [1, 2, 4, EOS, EOS]
+    loss = causal_lm_loss(model, batch, EOS)
+    logits = model(batch.input_ids).logits[0]  # (L, V); position i predicts token i + 1
+    # the targets are the answer token 4 (predicted at position 1) and the first EOS (at 2), not the pad EOS
+    expected = F.cross_entropy(logits[1:3], torch.tensor([4, EOS]))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)

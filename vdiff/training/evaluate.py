@@ -18,9 +18,9 @@ from vdiff.training.demo_task import Problem, accuracy_by_family
 
 
 def llada_replies(
-    model_dir: Path, questions: Sequence[str], params: SamplingParams, max_num_seqs: int = 64
+    model_dir: Path, questions: Sequence[str], params: SamplingParams, device: str = "cpu", max_num_seqs: int = 64
 ) -> list[str]:
-    llm = LLM(model=str(model_dir), device="cpu", dtype="float32", max_num_seqs=max_num_seqs)
+    llm = LLM(model=str(model_dir), device=device, dtype="float32", max_num_seqs=max_num_seqs)
     conversations = [[{"role": "user", "content": q}] for q in questions]
     return [output.text for output in llm.chat(conversations, params)]
 
@@ -36,6 +36,7 @@ def ar_replies(model: Any, tokenizer: Any, questions: Sequence[str], max_new_tok
     encoded = tokenizer(
         prompts, return_tensors="pt", padding=True, add_special_tokens=False, return_token_type_ids=False
     )
+    encoded = encoded.to(model.device)
     was_training = model.training
     model.eval()
     generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)  # (B, P + new)

@@ -54,21 +54,28 @@ def stratified_times(batch: int, generator: torch.Generator) -> Tensor:
 
 
 def llada_sft_loss(model: nn.Module, batch: SFTBatch, mask_id: int, generator: torch.Generator) -> Tensor:
+    """The noise is drawn on the CPU generator (the same masks on every device), the model runs where it is."""
     rows, length = batch.input_ids.shape
     t = stratified_times(rows, generator)
     p_mask = ((1 - MASK_FLOOR) * t + MASK_FLOOR)[:, None].expand(rows, length)  # (B, L)
     masked = (torch.rand(rows, length, generator=generator) < p_mask) & batch.answer
-    noisy = torch.where(masked, mask_id, batch.input_ids)
-    logits = model(noisy, attention_mask=None if bool(batch.keep.all()) else batch.keep).logits  # (B, L, V)
-    token_loss = F.cross_entropy(logits[masked].float(), batch.input_ids[masked], reduction="none") / p_mask[masked]
-    answer_len = batch.answer.sum(dim=1, keepdim=True).expand(rows, length)[masked]
+    device = next(model.parameters()).device
+    noisy = torch.where(masked, mask_id, batch.input_ids).to(device)
+    keep = None if bool(batch.keep.all()) else batch.keep.to(device)
+    logits = model(noisy, attention_mask=keep).logits  # (B, L, V)
+    targets, weights = batch.input_ids[masked].to(device), p_mask[masked].to(device)
+    token_loss = F.cross_entropy(logits[masked.to(device)].float(), targets, reduction="none") / weights
+    answer_len = batch.answer.sum(dim=1, keepdim=True).expand(rows, length)[masked].to(device)
     return (token_loss / answer_len).sum() / rows
 
 
 def causal_lm_loss(model: nn.Module, batch: SFTBatch, eos: int) -> Tensor:
     """Next-token loss on the answer and its first EOS only: an AR model stops at that EOS."""
     labels = batch.input_ids.masked_fill(~_answer_through_first_eos(batch, eos), -100)
-    return model(input_ids=batch.input_ids, attention_mask=batch.keep.long(), labels=labels).loss
+    device = next(model.parameters()).device
+    return model(
+        input_ids=batch.input_ids.to(device), attention_mask=batch.keep.long().to(device), labels=labels.to(device)
+    ).loss
 
 
 def _answer_through_first_eos(batch: SFTBatch, eos: int) -> Tensor:
