@@ -8,6 +8,7 @@ from typing import Any, TypeAlias
 
 from torch import nn
 
+from vdiff.assets import DEFAULT_MODEL
 from vdiff.config import EngineConfig
 from vdiff.engine import Engine
 from vdiff.outputs import GenerationOutput, RequestOutput
@@ -21,7 +22,7 @@ Message: TypeAlias = Mapping[str, Any]
 class LLM:
     def __init__(
         self,
-        model: str | os.PathLike[str],
+        model: str | os.PathLike[str] = DEFAULT_MODEL,
         tokenizer: str | None = None,
         dtype: str = "auto",
         device: str = "auto",

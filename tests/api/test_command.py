@@ -17,10 +17,14 @@ import openai
 import pytest
 
 from clients import processes_mentioning
+from vdiff import LLM
 from vdiff.serve.cli import openai_parser
 from vdiff.serve.launcher import ServerAddress, free_loopback_address
 from vdiff_client.args import IGNORED_FLAGS, ignored_flags_given
 from vdiff_client.tokenizer import parse_max_model_len
+
+# a held-out-style question the shipped demo model answers correctly
+QUESTION, ANSWER = "Sort: 14 7 26 50", "7 14 26 50"
 
 
 def test_vllm_serve_flags_parse() -> None:
@@ -74,12 +78,16 @@ def test_max_model_len_refuses_nonsense() -> None:
         parse_max_model_len("lots")
 
 
-def start_vdiff(model: Path, *extra: str) -> tuple[subprocess.Popen[str], int, ServerAddress]:
-    """`vdiff` as a subprocess on free loopback ports; (process, HTTP port, Triton's addresses)."""
+def start_vdiff(model: Path | None, *extra: str) -> tuple[subprocess.Popen[str], int, ServerAddress]:
+    """`vdiff` as a subprocess on free loopback ports; (process, HTTP port, Triton's addresses).
+
+    `model` None: no --model and no --served-model-name, as a user starts it for the shipped default.
+    """
     port = free_loopback_address().http_port
     triton = free_loopback_address()
-    command = [sys.executable, "-m", "vdiff.serve.cli", "--model", str(model), "--port", str(port),
-               "--host", "127.0.0.1", "--served-model-name", "tiny", "--torch-num-threads", "1",
+    named = [] if model is None else ["--model", str(model), "--served-model-name", "tiny"]
+    command = [sys.executable, "-m", "vdiff.serve.cli", *named, "--port", str(port),
+               "--host", "127.0.0.1", "--torch-num-threads", "1",
                "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
                "--triton-metrics-port", str(triton.metrics_port), *extra]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port, triton
@@ -156,3 +164,21 @@ def test_vdiff_exits_non_zero_when_triton_dies(tiny_llada: Path, tmp_path: Path)
     assert process.returncode not in (0, None), output
     assert "tritonserver died" in output and "tritonserver exited with code -9" in output
     assert processes_mentioning(str(tmp_path)) == []  # no backend stub outlived its server
+
+
+def test_with_no_model_vdiff_serves_the_trained_demo_model() -> None:
+    question = [{"role": "user", "content": QUESTION}]
+    (offline,) = LLM().chat(question)  # the shipped default, in this process
+    process, port, _ = start_vdiff(None)
+    try:
+        wait_healthy(process, port)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["vdiff-demo"]
+        reply = client.chat.completions.create(model="vdiff-demo", messages=question, temperature=0)
+    finally:
+        process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    # through Triton, token for token what the offline engine answers, and that answer is right
+    assert reply.choices[0].message.content == offline.text == ANSWER
+    assert reply.choices[0].finish_reason == "stop"

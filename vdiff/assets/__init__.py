@@ -1,9 +1,10 @@
 """Models that ship inside the package, loadable by name wherever a model path is accepted.
 
-`vdiff-tiny` is a random-weight LLaDA-architecture checkpoint written by
-`tools/make_tiny_model.py --arch llada` (2 layers, hidden 64, vocabulary 448, bfloat16, 300 KB):
-it exercises every serving path in seconds on a CPU but its text is noise. It is the default
-model of the Triton model repository and of `vdiff serve`.
+- `vdiff-demo` (the default model): a 0.9M-parameter LLaDA-architecture diffusion model trained by
+  `tools/train_tiny.py` on the synthetic instruction task of `vdiff/training/demo_task.py`
+  (arithmetic, sorting, reversing, spelling, counting); character tokenizer, bfloat16.
+- `vdiff-tiny`: a random-weight LLaDA checkpoint written by `tools/make_tiny_model.py --arch llada`
+  (2 layers, hidden 64, 300 KB). Its text is noise; it exercises the serving paths fastest.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent
-SHIPPED_MODELS = {"vdiff-tiny": ASSETS / "vdiff-tiny"}
-DEFAULT_MODEL = "vdiff-tiny"
+SHIPPED_MODELS = {name: ASSETS / name for name in ("vdiff-demo", "vdiff-tiny")}
+DEFAULT_MODEL = "vdiff-demo"
 
 
 def shipped_model(name: str) -> Path | None:
