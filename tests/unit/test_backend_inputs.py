@@ -93,7 +93,7 @@ def test_settings_parse_strings_and_treat_empty_or_placeholders_as_default() -> 
     settings = BackendSettings.from_model_config(
         parameters(model="", max_num_seqs="8", trust_remote_code="yes", seed="${seed}", EXECUTION_ENV_PATH="x")
     )
-    assert settings.model == "vdiff-tiny" and settings.max_num_seqs == 8 and settings.trust_remote_code
+    assert settings.model == "vdiff-demo" and settings.max_num_seqs == 8 and settings.trust_remote_code
     assert settings.seed == 0 and settings.max_num_batched_tokens is None
     assert settings.engine_config().max_num_seqs == 8
 
