@@ -33,8 +33,8 @@ import demo_checkpoint as ckpt  # noqa: E402
 
 from vdiff.models.registry import native_architecture  # noqa: E402
 from vdiff.sampling_params import SamplingParams  # noqa: E402
-from vdiff.training.demo_task import Problem, TrainingStream, held_out_set, parse_weights  # noqa: E402
-from vdiff.training.evaluate import ar_replies, format_accuracy, llada_replies, score  # noqa: E402
+from vdiff.training.demo_task import Problem, TrainingStream, accuracy_by_family, held_out_set, parse_weights  # noqa: E402
+from vdiff.training.evaluate import ar_replies, format_accuracy, llada_replies  # noqa: E402
 from vdiff.training.sft import causal_lm_loss, llada_sft_loss, sft_batch  # noqa: E402
 
 DEFAULT_MIX = "add=3,sub=3,sort=3,reverse=1,count=1,spell=1"
@@ -159,9 +159,9 @@ def train_llada(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dic
 
     def evaluate(dtype: torch.dtype = torch.float32) -> dict[str, float]:
         ckpt.save_checkpoint(model, out, raw, generation, tokenizer, dtype)
-        # block_length: the engine's LLaDA default (32) would cut a longer answer canvas into blocks
-        params = SamplingParams(block_length=config.answer_len)
-        return score(held_out, llada_replies(out, [p.question for p in held_out], params, args.device))
+        # SamplingParams(): the generation_config just written decides, as for a user of the checkpoint
+        replies = llada_replies(out, [p.question for p in held_out], SamplingParams(), args.device)
+        return accuracy_by_family(held_out, replies)
 
     train("vdiff-demo", model, loss_of, evaluate, config)
     final = evaluate(getattr(torch, args.save_dtype))
@@ -186,7 +186,9 @@ def train_ar(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dict[s
         return causal_lm_loss(model, encode_batch(problems, tokenizer, None), eos)
 
     def evaluate() -> dict[str, float]:
-        return score(held_out, ar_replies(model, tokenizer, [p.question for p in held_out], config.answer_len))
+        return accuracy_by_family(
+            held_out, ar_replies(model, tokenizer, [p.question for p in held_out], config.answer_len)
+        )
 
     train("vdiff-demo-ar", model, loss_of, evaluate, config)
     generation = ckpt.llama_generation_config(tokenizer, config.answer_len)

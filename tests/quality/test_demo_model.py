@@ -15,8 +15,7 @@ import pytest
 
 from vdiff import LLM
 from vdiff.assets import DEFAULT_MODEL
-from vdiff.training.demo_task import Problem, held_out_set
-from vdiff.training.evaluate import score
+from vdiff.training.demo_task import Problem, accuracy_by_family, held_out_set
 
 MEASURED = {"add": 0.1, "sub": 0.1, "reverse": 0.3, "sort": 0.6, "count": 0.1, "spell": 0.2}
 MARGIN = 0.05
@@ -38,7 +37,7 @@ def test_the_default_model_is_the_trained_demo_model() -> None:
 def test_demo_model_accuracy_per_family_under_default_decoding(sample: list[Problem]) -> None:
     llm = LLM(dtype="float32", max_num_seqs=len(sample))
     outputs = llm.chat([[{"role": "user", "content": p.question}] for p in sample])
-    accuracy = score(sample, [o.text for o in outputs])
+    accuracy = accuracy_by_family(sample, [o.text for o in outputs])
     below = {f: a for f, a in accuracy.items() if f in MEASURED and a < MEASURED[f] - MARGIN}
     assert not below, f"below the shipped model's accuracy - {MARGIN:.0%}: {below} (all: {accuracy})"
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import random
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 FAMILIES = ("add", "sub", "reverse", "sort", "count", "spell")
@@ -127,7 +127,7 @@ def held_out_set(per_family: int, seed: int = EVAL_SEED) -> list[Problem]:
     return problems
 
 
-def accuracy_by_family(problems: list[Problem], replies: list[str]) -> dict[str, float]:
+def accuracy_by_family(problems: Sequence[Problem], replies: Sequence[str]) -> dict[str, float]:
     """Exact-match accuracy per family, plus "mean" over the families present."""
     hits: dict[str, list[bool]] = {}
     for problem, reply in zip(problems, replies, strict=True):

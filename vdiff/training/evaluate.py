@@ -14,7 +14,6 @@ import torch
 
 from vdiff.llm import LLM
 from vdiff.sampling_params import SamplingParams
-from vdiff.training.demo_task import Problem, accuracy_by_family
 
 
 def llada_replies(
@@ -46,7 +45,3 @@ def ar_replies(model: Any, tokenizer: Any, questions: Sequence[str], max_new_tok
 
 def format_accuracy(accuracy: dict[str, float]) -> str:
     return " ".join(f"{family} {100 * value:.0f}" for family, value in accuracy.items())
-
-
-def score(problems: Sequence[Problem], replies: Sequence[str]) -> dict[str, float]:
-    return accuracy_by_family(list(problems), list(replies))
