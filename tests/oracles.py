@@ -223,3 +223,69 @@ def dream_reference(
             proposal[mask_index] = x0
             x[0, chosen] = proposal[0, chosen]
     return x[0, p:].tolist()
+
+
+def _factor_keep(sorted_confidence: list[float], factor: float) -> int:
+    """dInfer's loop, as written: rank n (1-based) needs 1 - factor / (n + 1); rank 1 always passes."""
+    bars = [-1.0] + [1 - factor / (n + 1) for n in range(2, len(sorted_confidence) + 1)]
+    top_i = 0
+    for top_i in range(len(bars)):
+        if sorted_confidence[top_i] < bars[top_i]:
+            break
+    if top_i == 0 or top_i == len(bars) - 1:
+        top_i += 1
+    return top_i
+
+
+def fast_dllm_reference(
+    model: nn.Module,
+    prompt_ids: Sequence[int],
+    *,
+    mask_id: int,
+    gen_length: int,
+    block_length: int,
+    threshold: float | None = None,
+    factor: float | None = None,
+    temperature: float = 0.0,
+    remasking: str = "low_confidence",
+    logits_shift: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[list[int], int]:
+    """Fast-dLLM's `generate()` without cache, in threshold or factor mode: (the gen_length ids, NFE).
+
+    Each forward scores the canvas; the current block's masked positions are ranked by float64
+    confidence; the rule keeps a prefix of that ranking (at least one); the block ends when no mask
+    is left in it. `logits_shift=1` applies Dream's right shift (Fast-dLLM's Dream loop).
+    """
+    if (threshold is None) == (factor is None):
+        raise ValueError("set exactly one of threshold and factor")
+    if gen_length % block_length != 0:
+        raise ValueError(f"gen_length {gen_length} is not a multiple of block_length {block_length}")
+    nfe = 0
+    with torch.inference_mode():
+        x, p = _canvas(model, prompt_ids, mask_id, gen_length)
+        for block in range(gen_length // block_length):
+            block_end = p + (block + 1) * block_length
+            while bool((x[0, block_end - block_length : block_end] == mask_id).any()):
+                nfe += 1
+                mask_index = x == mask_id
+                mask_index[:, block_end:] = False
+                logits = model(x).logits  # (1, L, V)
+                if logits_shift:
+                    logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)  # row i now scores position i
+                x0 = _gumbel_noisy(logits, temperature, generator).argmax(-1)  # (1, L)
+                if remasking == "low_confidence":
+                    x0_p = logits.to(torch.float64).softmax(-1).gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+                else:
+                    x0_p = torch.rand(x0.shape, generator=generator, device=x0.device)
+                confidence = torch.where(mask_index, x0_p, -torch.inf)[0]  # (L,)
+                order = torch.topk(confidence, int(mask_index.sum())).indices
+                ranked = confidence[order].tolist()
+                if threshold is not None:
+                    keep = 1 + sum(1 for c in ranked[1:] if c >= threshold)
+                else:
+                    assert factor is not None
+                    keep = _factor_keep(ranked, factor)
+                chosen = order[:keep]
+                x[0, chosen] = x0[0, chosen]
+    return x[0, p:].tolist(), nfe

@@ -47,6 +47,11 @@ class SamplingParams:
     logits_eos_inf: bool = False
     confidence_eos_eot_inf: bool = False
     confidence_dtype: str = "auto"
+    # Fast-dLLM's parallel decoding (LLaDA's algorithms): instead of a fixed number per step, commit
+    # every masked position of the block whose confidence reaches `threshold`, or as many as the
+    # `factor` rule admits; always at least the most confident one. None: the fixed schedule.
+    threshold: float | None = None
+    factor: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +94,10 @@ def _validate(p: SamplingParams) -> None:
     _check_bool("confidence_eos_eot_inf", p.confidence_eos_eot_inf)
     if p.confidence_dtype not in CONFIDENCE_DTYPES:
         raise ValueError(f"confidence_dtype must be one of {sorted(CONFIDENCE_DTYPES)}, got {p.confidence_dtype!r}")
+    _check_number("threshold", p.threshold, "in (0, 1]", lambda v: 0 < v <= 1, optional=True)
+    _check_number("factor", p.factor, "a number > 0", lambda v: v > 0, optional=True)
+    if p.threshold is not None and p.factor is not None:
+        raise ValueError("threshold and factor are two rules for the same choice; set one of them")
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None, optional: bool = False) -> None:

@@ -107,7 +107,7 @@ def check_input_ranges(request: SamplingFields, max_model_len: int) -> None:
         )
     if request.top_k is not None and request.top_k > INT32_MAX:
         raise bad_request(f"top_k must be at most {INT32_MAX}, got {request.top_k}.", "top_k")
-    for name in ("cfg_scale", "alg_temp"):
+    for name in ("cfg_scale", "alg_temp", "threshold", "factor"):
         value = getattr(request, name)
         if value is not None and abs(value) > FLOAT32_MAX:
             raise bad_request(f"{name} must be at most {FLOAT32_MAX:.4g} in size, got {value}.", name)

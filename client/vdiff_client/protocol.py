@@ -59,6 +59,8 @@ class DiffusionFields(RequestBody):
     algorithm: str | None = None
     cfg_scale: float | None = None
     alg_temp: float | None = None
+    threshold: float | None = None  # Fast-dLLM's parallel decoding: commit what reaches this confidence
+    factor: float | None = None  # or its factor rule
 
 
 class SamplingFields(DiffusionFields):

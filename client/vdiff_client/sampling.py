@@ -89,6 +89,12 @@ def check_sampling(request: SamplingFields, max_tokens: int | None, defaults: di
         value = getattr(request, name)
         if value is not None and not math.isfinite(value):
             raise bad_request(f"{name} must be a finite number, got {value}.", name)
+    if request.threshold is not None and not (math.isfinite(request.threshold) and 0 < request.threshold <= 1):
+        raise bad_request(f"threshold must be in (0, 1], got {request.threshold}.", "threshold")
+    if request.factor is not None and not (math.isfinite(request.factor) and request.factor > 0):
+        raise bad_request(f"factor must be a finite number > 0, got {request.factor}.", "factor")
+    if request.threshold is not None and request.factor is not None:
+        raise bad_request("threshold and factor are two rules for the same choice; set one of them.", "factor")
 
 
 def _temperature(request: SamplingFields, defaults: dict[str, Any]) -> float:
@@ -121,6 +127,8 @@ def ensemble_values(
     values: dict[str, Any] = {"input_ids": prompt_ids, "stream": True, "exclude_input_in_output": True}
     if config.sends_defaults():
         values |= config.sampling_defaults
+        if request.threshold is not None or request.factor is not None:
+            values.pop("steps", None)  # a fixed schedule's step count does not apply to the parallel rules
     chosen = {
         "max_tokens": max_tokens,
         "temperature": request.temperature,
@@ -131,6 +139,8 @@ def ensemble_values(
         "algorithm": request.algorithm,
         "cfg_scale": request.cfg_scale,
         "alg_temp": request.alg_temp,
+        "threshold": request.threshold,
+        "factor": request.factor,
     }
     values |= {name: value for name, value in chosen.items() if value is not None}
     if request.seed is not None:

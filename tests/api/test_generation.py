@@ -34,6 +34,17 @@ def test_completion_equals_the_offline_engine_with_exact_usage(client: openai.Op
     assert result.usage.total_tokens == prompt_tokens + 5
 
 
+def test_parallel_decoding_fields_reach_the_engine(client: openai.OpenAI, llada_llm: LLM) -> None:
+    prompt = "Hello there"
+    for rule in ({"threshold": 0.03}, {"factor": 2.95}):
+        fields = {"block_length": 8, "ignore_eos": True, **rule}
+        result = client.completions.create(model=SERVED[0], prompt=prompt, max_tokens=16, extra_body=fields)
+        assert result.choices[0].text == offline_text(llada_llm, prompt, max_tokens=16, temperature=0.0, **fields)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=SERVED[0], prompt=prompt, max_tokens=4, extra_body={"threshold": 2.0})
+    assert caught.value.body["param"] == "threshold" and "threshold must be in (0, 1]" in caught.value.message
+
+
 def test_every_served_name_and_no_name_are_accepted(proxy: Proxy, client: openai.OpenAI) -> None:
     alias = client.completions.create(model=SERVED[1], prompt="hi", max_tokens=2)
     assert alias.model == SERVED[0]

@@ -25,6 +25,9 @@ def neighbours(llm: LLM) -> list[tuple[list[int], SamplingParams]]:
             seed=i,
             cfg_scale=0.0 if dream or i % 2 else 1.0,
         )
+        if i in (2, 5):  # confidence-threshold and factor rules, which commit a varying number per step
+            params = params.replace(algorithm="low_confidence", steps=None, block_length=4)
+            params = params.replace(threshold=0.03) if i == 2 else params.replace(factor=2.95)
         out.append((prompt, params))
     return out
 
@@ -53,15 +56,17 @@ TARGETS = {
     "llada": [
         SamplingParams(max_tokens=32, steps=32, block_length=8),
         SamplingParams(max_tokens=20, steps=10, block_length=10, cfg_scale=0.5),
+        SamplingParams(max_tokens=32, block_length=8, threshold=0.03),
     ],
     "dream": [
         SamplingParams(max_tokens=24, steps=24, algorithm="entropy"),
         SamplingParams(max_tokens=16, steps=8, algorithm="origin", seed=3),
+        SamplingParams(max_tokens=24, block_length=8, algorithm="low_confidence", factor=2.95),
     ],
 }
 
 
-@pytest.mark.parametrize("target", [0, 1])
+@pytest.mark.parametrize("target", [0, 1, 2])
 def test_request_alone_equals_request_among_seven_others(llm: LLM, target: int) -> None:
     family = "dream" if llm.engine.defaults.algorithm == "origin" else "llada"
     params = TARGETS[family][target].replace(temperature=0.0, ignore_eos=True)

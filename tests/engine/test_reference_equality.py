@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from oracles import dream_reference, llada_reference
+from oracles import dream_reference, fast_dllm_reference, llada_reference
 from vdiff import LLM, SamplingParams
 
 PROMPT = [17, 42, 99, 7, 256, 31, 5]
@@ -86,6 +86,40 @@ def test_dream_matches_published_sampler(dream_llm: LLM, algorithm: str, steps: 
         dream_llm, max_tokens=24, steps=steps, algorithm=algorithm, temperature=0.0, seed=11, ignore_eos=not early_exit
     )
     assert got == (first_stop(expected, set(special.stop_ids)) if early_exit else expected)
+
+
+# The tiny random models' confidences sit near 1/vocab (0.02-0.05), so these thresholds and factors
+# commit anywhere from one token per step to a whole block at once.
+PARALLEL_CASES = [
+    {"threshold": 0.9},
+    {"threshold": 0.03},
+    {"threshold": 0.02, "block_length": 16},
+    {"factor": 1.0},
+    {"factor": 2.95},
+    {"factor": 10.0, "block_length": 4},
+    {"threshold": 0.5, "algorithm": "random", "seed": 5},
+]
+
+
+@pytest.mark.parametrize("case", PARALLEL_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_parallel_decoding_matches_fast_dllm(llm: LLM, case: dict[str, Any]) -> None:
+    """Threshold and factor rules at batch 1: Fast-dLLM's tokens and its forward count, for both families."""
+    case = {"block_length": 8, "algorithm": "low_confidence", **case}
+    seed = case.get("seed")
+    expected, nfe = fast_dllm_reference(
+        llm.model,
+        PROMPT,
+        mask_id=llm.tokenizer.special.mask,
+        gen_length=32,
+        block_length=case["block_length"],
+        threshold=case.get("threshold"),
+        factor=case.get("factor"),
+        remasking=case["algorithm"],
+        logits_shift=llm.model.logits_shift,
+        generator=None if seed is None else torch.Generator().manual_seed(seed),
+    )
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, **case))[0]
+    assert (out.token_ids, out.nfe) == (expected, nfe)
 
 
 def test_early_exit_stops_at_the_first_stop_token_the_reference_would_keep(llada_llm: LLM) -> None:

@@ -47,8 +47,10 @@ def waiting(server: Server) -> float:
         {"max_tokens": 32, "steps": 16, "block_length": 8},
         {"max_tokens": 16, "algorithm": "random", "temperature": 0.0, "seed": 3},
         {"max_tokens": 20, "stop": ["u"]},
+        {"max_tokens": 32, "block_length": 8, "threshold": 0.03},
+        {"max_tokens": 24, "block_length": 8, "factor": 2.95},
     ],
-    ids=["default", "blocks", "random-remasking", "stop-words"],
+    ids=["default", "blocks", "random-remasking", "stop-words", "threshold", "factor"],
 )
 def test_grpc_stream_equals_offline_engine(triton_server: Server, llada_llm: LLM, params: dict[str, Any]) -> None:
     for prompt in PROMPTS:
@@ -179,6 +181,8 @@ INVALID = [
     ({"text_input": "x", "temperature": float("nan")}, "'temperature' must be a finite number"),
     ({"text_input": "x", "top_p": 1.5}, "top_p must be"),
     ({"text_input": "x", "stop_words": ["ok", ""]}, "'stop_words'[1] is an empty string"),
+    ({"text_input": "x", "threshold": 1.5}, "threshold must be a finite number in (0, 1]"),
+    ({"text_input": "x", "threshold": 0.9, "steps": 8}, "steps does not apply with threshold or factor"),
 ]
 
 

@@ -1,10 +1,12 @@
-"""The schedule arithmetic and filters the strategies share, against the published numbers."""
+"""The schedule arithmetic, filters and parallel-decoding rules of the strategies, against the published numbers."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vdiff.decoding.dream import _reveal_count
+from vdiff.decoding.llada import factor_count, threshold_count
 from vdiff.decoding.ops import top_k_filter, top_p_filter, transfer_counts
 
 
@@ -51,3 +53,29 @@ def test_top_p_keeps_the_smallest_set_reaching_p_and_always_the_first() -> None:
 def test_top_k_keeps_k_tokens() -> None:
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
     assert (top_k_filter(logits, 2) > torch.finfo(torch.float32).min).tolist() == [[False, True, True, False]]
+
+
+@pytest.mark.parametrize(
+    ("confidence", "threshold", "count"),
+    [([0.95, 0.2, 0.91, 0.9], 0.9, 3), ([0.5, 0.4], 0.9, 1), ([0.9], 0.9, 1), ([0.3, 0.99, 0.99], 0.99, 2)],
+)
+def test_threshold_commits_what_reaches_it_and_at_least_one(
+    confidence: list[float], threshold: float, count: int
+) -> None:
+    assert threshold_count(torch.tensor(confidence), threshold) == count
+
+
+@pytest.mark.parametrize(
+    ("confidence", "factor", "count"),
+    [
+        ([0.2], 1.0, 1),  # a lone candidate always goes
+        ([0.9, 0.7, 0.1, 0.05], 1.0, 2),  # bars -1, 2/3, 3/4, 4/5: rank 2 passes, rank 3 fails
+        ([0.9, 0.6, 0.1, 0.05], 1.0, 1),  # rank 2 fails (0.6 < 2/3)
+        ([0.9, 0.6, 0.55, 0.05], 2.0, 4),  # bars -1, 1/3, 1/2, 3/5: fails at the last rank, so all
+        ([0.99, 0.9, 0.85, 0.1, 0.05], 1.0, 3),  # ranks 1-3 pass (0.9 >= 2/3, 0.85 >= 3/4), rank 4 fails
+        ([0.99, 0.9, 0.1], 1.0, 3),  # the failure is at the last rank: the published code commits all
+        ([0.99, 0.98, 0.97], 1.0, 3),  # nothing fails
+    ],
+)
+def test_factor_rule_counts_as_the_published_loop(confidence: list[float], factor: float, count: int) -> None:
+    assert factor_count(torch.tensor(confidence)[torch.randperm(len(confidence))], factor) == count

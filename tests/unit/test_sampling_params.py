@@ -35,6 +35,10 @@ INVALID: list[tuple[str, Any]] = [
     ("logits_eos_inf", 1),
     ("confidence_eos_eot_inf", None),
     ("confidence_dtype", "float8"),
+    ("threshold", 0.0),
+    ("threshold", 1.2),
+    ("factor", -1.0),
+    ("factor", float("inf")),
 ]
 
 
@@ -101,6 +105,9 @@ def test_llada_block_length_comes_from_generation_config() -> None:
         ("random", {"alg_temp": 0.5}, "alg_temp applies to Dream"),
         ("entropy", {"block_length": 8}, "block_length applies to LLaDA"),
         ("origin", {"confidence_eos_eot_inf": True}, "confidence_eos_eot_inf applies to LLaDA"),
+        ("entropy", {"threshold": 0.9}, "threshold applies to LLaDA's algorithms"),
+        ("maskgit_plus", {"factor": 1.0}, "factor applies to LLaDA's algorithms"),
+        ("low_confidence", {"threshold": 0.9, "steps": 32}, "steps does not apply with threshold or factor"),
     ],
 )
 def test_algorithm_refuses_fields_it_cannot_honour(algorithm: str, fields: dict[str, Any], message: str) -> None:
@@ -108,3 +115,17 @@ def test_algorithm_refuses_fields_it_cannot_honour(algorithm: str, fields: dict[
     params = defaults.apply(SamplingParams(algorithm=algorithm, **fields), 4, 4096)
     with pytest.raises(ValueError, match=message):
         get_strategy(algorithm).resolve(params, defaults)
+
+
+def test_threshold_and_factor_are_one_choice() -> None:
+    with pytest.raises(ValueError, match="threshold and factor are two rules for the same choice"):
+        SamplingParams(threshold=0.9, factor=1.0)
+
+
+def test_parallel_rules_take_float64_confidences_unless_told_otherwise() -> None:
+    defaults = SamplingDefaults.for_model("llada", {"steps": 40})  # a schedule's steps do not apply to them
+    strategy = get_strategy("low_confidence")
+    resolved = strategy.resolve(defaults.apply(SamplingParams(threshold=0.9), 4, 4096), defaults)
+    assert (resolved.confidence_dtype, resolved.steps, resolved.block_length) == ("float64", None, 32)
+    explicit = SamplingParams(factor=1.0, confidence_dtype="bfloat16")
+    assert strategy.resolve(defaults.apply(explicit, 4, 4096), defaults).confidence_dtype == "bfloat16"

@@ -39,8 +39,12 @@ class DreamSampler(DecodingStrategy):
     def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
         if params.block_length is not None:
             raise ValueError(f"block_length applies to LLaDA's algorithms; {self.name!r} decodes the whole canvas")
-        if params.confidence_eos_eot_inf:
-            raise ValueError(f"confidence_eos_eot_inf applies to LLaDA's algorithms, not to {self.name!r}")
+        for name in ("confidence_eos_eot_inf", "threshold", "factor"):
+            if getattr(params, name):
+                raise ValueError(
+                    f"{name} applies to LLaDA's algorithms ('low_confidence', 'random'), which also decode "
+                    f"Dream models; {self.name!r} has no blocks"
+                )
         return params.replace(
             steps=params.steps or defaults.steps or params.max_tokens,
             eps=defaults.eps if params.eps is None else params.eps,

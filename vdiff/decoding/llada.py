@@ -6,6 +6,12 @@ max_tokens). Each block gets steps // num_blocks steps and a fixed number of tok
 (greedy at temperature 0, Gumbel-max in float64 above it) and commits the k proposals with the
 highest confidence: the softmax probability of x0 (`low_confidence`) or a uniform draw
 (`random`). Committed tokens are never re-masked.
+
+With `threshold` or `factor` set (Fast-dLLM's parallel decoding, NVlabs/Fast-dLLM@24cc59e
+llada/generate.py; the factor rule as dInfer's get_transfer_index_dynamic has it) the count per
+step follows the confidences instead of the schedule, so `steps` does not apply: a step commits
+every masked position of the block that its rule admits, at least the most confident one, and a
+block ends when it holds no mask.
 """
 
 from __future__ import annotations
@@ -47,6 +53,12 @@ class LLaDASampler(DecodingStrategy):
         max_tokens = _max_tokens(params)
         block = params.block_length or min(defaults.block_length or DEFAULT_BLOCK_LENGTH, max_tokens)
         num_blocks = math.ceil(max_tokens / block)
+        if params.threshold is not None or params.factor is not None:
+            if params.steps is not None:
+                raise ValueError("steps does not apply with threshold or factor: the confidences decide the steps")
+            # "auto" is the published computation, and Fast-dLLM takes its confidences in float64
+            dtype = "float64" if params.confidence_dtype == "auto" else params.confidence_dtype
+            return params.replace(block_length=block, confidence_dtype=dtype)
         steps = params.steps or defaults.steps or num_blocks * block
         if steps % num_blocks:
             raise ValueError(
@@ -71,7 +83,7 @@ class LLaDASampler(DecodingStrategy):
             logits = batch.logits_at(candidates)  # (N, V)
             x0 = self._propose(logits, candidates)
             confidence = self.confidence(logits, x0, candidates, batch)
-            picks = top_by_confidence(confidence, candidates, [r.transfer_plan[r.step] for r in requests])
+            picks = top_by_confidence(confidence, candidates, commit_counts(confidence, candidates))
             commit(batch.input_ids, candidates, x0, picks)
             for request in requests:
                 self._advance(request)
@@ -95,13 +107,15 @@ class LLaDASampler(DecodingStrategy):
         assert block is not None
         start = request.prompt_len + request.block * block
         request.window_end = start + block
+        request.step = 0
+        if is_parallel(request.params):
+            return  # no plan: the confidences decide each step
         masked = int((request.canvas[start : start + block] == request.mask_id).sum())
         request.transfer_plan = transfer_counts(masked, _steps_per_block(request))
-        request.step = 0
 
     def _advance(self, request: Request) -> None:
         request.step += 1
-        if request.step < len(request.transfer_plan):
+        if not _block_done(request):
             return
         request.block += 1
         if request.window_end >= request.canvas_len:
@@ -134,6 +148,53 @@ class RandomRemasking(LLaDASampler):
             for _, r, seg in candidates.segments()
         ]
         return torch.cat(parts)
+
+
+def is_parallel(params: SamplingParams) -> bool:
+    return params.threshold is not None or params.factor is not None
+
+
+def commit_counts(confidence: Tensor, candidates: Candidates) -> list[int]:
+    """Tokens each request commits this step: its schedule's count, or what its parallel rule admits."""
+    counts = []
+    for _, request, seg in candidates.segments():
+        params = request.params
+        if params.threshold is not None:
+            counts.append(threshold_count(confidence[seg], params.threshold))
+        elif params.factor is not None:
+            counts.append(factor_count(confidence[seg], params.factor))
+        else:
+            counts.append(request.transfer_plan[request.step])
+    return counts
+
+
+def threshold_count(confidence: Tensor, threshold: float) -> int:
+    """Fast-dLLM: every candidate whose confidence reaches the threshold, and at least the best one."""
+    return max(1, int((confidence >= threshold).sum()))
+
+
+def factor_count(confidence: Tensor, factor: float) -> int:
+    """Fast-dLLM's factor rule: the n-th most confident (1-based) passes at 1 - factor / (n + 1).
+
+    The count is the first failing rank, the best one always passing; as in the published code, a
+    failure at the last rank still commits every candidate.
+    """
+    ordered = confidence.sort(descending=True).values  # (n,)
+    ranks = torch.arange(1, len(ordered) + 1, device=ordered.device, dtype=torch.float64)
+    bars = 1 - factor / (ranks + 1)
+    bars[0] = -1
+    failing = (ordered.to(torch.float64) < bars).nonzero()
+    first = int(failing[0]) if len(failing) else len(ordered)
+    return len(ordered) if first >= len(ordered) - 1 else first
+
+
+def _block_done(request: Request) -> bool:
+    if not is_parallel(request.params):
+        return request.step >= len(request.transfer_plan)
+    block = request.params.block_length
+    assert block is not None
+    end = request.window_end - request.prompt_len
+    return request.mask_id not in request.answer[end - block : end]
 
 
 def _ban_end_tokens(logits: Tensor, temperature: float | None, batch: StepBatch) -> None:
