@@ -38,7 +38,8 @@ JSON_VALUES = st.recursive(
 NUMBERS = st.one_of(EXTREME_INTS, EXTREME_FLOATS, st.integers(-2, 2))
 HOSTILE = st.one_of(NUMBERS, NUMBERS, JSON_VALUES)
 NUMERIC_FIELDS = ["max_tokens", "max_completion_tokens", "n", "top_k", "seed", "steps", "block_length",
-                  "temperature", "top_p", "cfg_scale", "alg_temp", "best_of", "logprobs", "priority"]  # fmt: skip
+                  "temperature", "top_p", "cfg_scale", "alg_temp", "threshold", "factor", "best_of", "logprobs",
+                  "priority"]  # fmt: skip
 TEXT = st.text(max_size=24)
 IDS = st.lists(st.integers(0, 389), min_size=1, max_size=8)  # the tiny vocabulary has 390 ids
 PROMPTS = st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=2), IDS, st.lists(IDS, min_size=1, max_size=2))
@@ -59,6 +60,8 @@ SAMPLING = {
     "block_length": st.sampled_from([4, 8]),
     "algorithm": st.sampled_from(["low_confidence", "random"]),
     "cfg_scale": st.floats(0, 2),
+    "threshold": st.floats(0.01, 1),
+    "factor": st.floats(0.1, 10),
     "user": TEXT,
 }
 COMPLETION = SAMPLING | {"prompt": PROMPTS, "echo": st.booleans(), "suffix": st.none()}
