@@ -12,12 +12,17 @@ sub and sort) are not reached yet. perf/results/quality_vdiff-demo.md has the 30
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vdiff import LLM
-from vdiff.assets import DEFAULT_MODEL
+from vdiff.assets import DEFAULT_MODEL, shipped_model
+from vdiff.models import ModelLoadError
 from vdiff.training.demo_task import Problem, accuracy_by_family, held_out_set
+from vdiff.training.evaluate import ar_replies
 
 MEASURED = {"add": 0.1, "sub": 0.1, "reverse": 0.3, "sort": 0.6, "count": 0.1, "spell": 0.2}
+VERIFIER_MEASURED_MEAN = 0.87
 MARGIN = 0.05
 
 
@@ -47,3 +52,28 @@ def test_demo_tokenizer_is_one_token_per_character_and_normalises_non_ascii() ->
     text = "What is 47 + 85? Reverse: héllo ☃"
     ids = tokenizer.encode(text)
     assert len(ids) == len(text) and tokenizer.decode(ids) == "What is 47 + 85? Reverse: hello ?"
+
+
+def test_the_shipped_verifier_alone_answers_most_problems(sample: list[Problem]) -> None:
+    path = shipped_model("vdiff-demo-ar")
+    assert path is not None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    replies = ar_replies(model, AutoTokenizer.from_pretrained(path), [p.question for p in sample], max_new_tokens=40)
+    accuracy = accuracy_by_family(sample, replies)
+    assert accuracy["mean"] >= VERIFIER_MEASURED_MEAN - MARGIN, accuracy
+
+
+def test_the_verifier_shares_the_demo_models_tokenizer() -> None:
+    demo, verifier = (AutoTokenizer.from_pretrained(shipped_model(name)) for name in ("vdiff-demo", "vdiff-demo-ar"))
+    assert demo.get_vocab() == verifier.get_vocab()
+    assert demo.chat_template == verifier.chat_template
+    assert (demo.eos_token_id, demo.bos_token_id) == (verifier.eos_token_id, verifier.bos_token_id)
+    message = [{"role": "user", "content": "Spell: zebra"}]
+    assert demo.apply_chat_template(message, add_generation_prompt=True) == verifier.apply_chat_template(
+        message, add_generation_prompt=True
+    )
+
+
+def test_the_verifier_is_refused_as_a_diffusion_model_with_the_reason() -> None:
+    with pytest.raises(ModelLoadError, match="model_type 'llama' is not supported"):
+        LLM(model="vdiff-demo-ar")

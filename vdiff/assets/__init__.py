@@ -3,6 +3,8 @@
 - `vdiff-demo` (the default model): a 0.9M-parameter LLaDA-architecture diffusion model trained by
   `tools/train_tiny.py` on the synthetic instruction task of `vdiff/training/demo_task.py`
   (arithmetic, sorting, reversing, spelling, counting); character tokenizer, bfloat16.
+- `vdiff-demo-ar`: its autoregressive verifier for Adaptive Parallel Decoding, a 0.9M-parameter
+  transformers Llama trained by the same tool on the same data, with the same tokenizer.
 - `vdiff-tiny`: a random-weight LLaDA checkpoint written by `tools/make_tiny_model.py --arch llada`
   (2 layers, hidden 64, 300 KB). Its text is noise; it exercises the serving paths fastest.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent
-SHIPPED_MODELS = {name: ASSETS / name for name in ("vdiff-demo", "vdiff-tiny")}
+SHIPPED_MODELS = {name: ASSETS / name for name in ("vdiff-demo", "vdiff-demo-ar", "vdiff-tiny")}
 DEFAULT_MODEL = "vdiff-demo"
 
 
