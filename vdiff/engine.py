@@ -121,6 +121,8 @@ class Engine:
         assert params.algorithm is not None
         strategy = get_strategy(params.algorithm)
         params = strategy.resolve(params, self.defaults)
+        if params.cache != "none" and not cast(DiffusionLM, self.model).supports_kv_cache:
+            raise ValueError(f"cache {params.cache!r} needs a native model; this one runs the checkpoint's own code")
         gen_length = strategy.gen_length(params)
         if len(prompt_ids) + gen_length > self.max_sequence_length:
             raise ValueError(

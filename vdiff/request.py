@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from vdiff.kv_cache import RequestKV
 from vdiff.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Request:
     transfer_plan: list[int] = field(default_factory=list)  # tokens to commit at each step of the block
     timesteps: Tensor | None = None  # (steps + 1,) float32 diffusion times t, for schedules that use them
     schedule_done: bool = False
+    kv: RequestKV | None = None  # keys and values of the canvas when params.cache is not "none"
 
     # the generated positions as a Python list (mask id until committed), so that finding the
     # stable prefix and reading new tokens costs no tensor op
@@ -101,6 +103,7 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        self.kv = None  # the cache is the bulk of a request's memory; it goes with the request's last step
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason

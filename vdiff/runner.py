@@ -4,7 +4,9 @@ Canvases of different lengths are right-padded into one (B, L) batch. Right padd
 canvas at positions 0..len-1, as when it runs alone, and padding is masked on the key side only,
 so a request's logits do not depend on its neighbours beyond floating-point reduction order.
 Classifier-free guidance adds one unconditional row (the prompt masked out) per request that asks
-for it, in the same forward.
+for it, in the same forward. When a request in the step keeps a KV cache, each row feeds only the
+window its strategy names, at its absolute positions, and attends to its cached canvas
+(vdiff/kv_cache.py); logits then cover each row's window, and `offsets` say where it starts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from vdiff.decoding.ops import Candidates
+from vdiff.kv_cache import BatchKV, RequestKV, Window
 from vdiff.models.base import DiffusionLM, canvas_rows
 from vdiff.request import Request
 from vdiff.tokenizer import SpecialTokens
@@ -26,15 +29,18 @@ from vdiff.tokenizer import SpecialTokens
 class StepBatch:
     requests: list[Request]
     input_ids: Tensor  # (B, L) canvases, right-padded; strategies write committed tokens here too
-    logits: Tensor  # (R, L, V) raw model logits; rows B.. are the CFG unconditional canvases
+    logits: Tensor  # (R, Q, V) raw model logits; rows B.. are the CFG unconditional canvases
     logits_shift: int
     uncond_rows: list[int]  # per request: its unconditional row in `logits`, or -1
     eos_id: int
     eot_id: int | None
+    offsets: Tensor | None = None  # (B,) canvas position of each row's first logit; None: all 0
 
     def logits_at(self, candidates: Candidates) -> Tensor:
         """(N, V) logits scoring each candidate position, guided and EOS-banned as its request asks."""
         sources = canvas_rows(candidates.cols, self.logits_shift)
+        if self.offsets is not None:
+            sources = sources - self.offsets[candidates.batch_rows]
         width, vocab = self.logits.shape[1:]
         rows = candidates.batch_rows * width + sources
         # (N, V), a copy the strategy may edit; index_select on the flat view is ~3x faster than 2-D indexing on CPU
@@ -63,6 +69,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     def forward(self, requests: list[Request]) -> StepBatch:
+        if any(r.params.cache != "none" for r in requests):
+            return self._windowed_forward(requests)
         lengths = [r.canvas_len for r in requests]
         input_ids = self._pack([r.canvas for r in requests])
         uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
@@ -72,6 +80,35 @@ class ModelRunner:
         for request in requests:
             request.nfe += 1
         return StepBatch(requests, input_ids, logits, self.logits_shift, uncond_rows, self.eos_id, self.eot_id)
+
+    def _windowed_forward(self, requests: list[Request]) -> StepBatch:
+        """Each row feeds its strategy's window (one position earlier for a shifted family, whose
+        logits for position i come from row i - 1) and attends to its cached canvas."""
+        windows = []
+        for request in requests:
+            start, end = request.strategy.window(request)
+            windows.append(Window(max(0, start - self.logits_shift), end, request.canvas_len))
+        caches = [self._cache_of(r, w) for r, w in zip(requests, windows, strict=True)]
+        ids = self._pack([r.canvas[w.start : w.end] for r, w in zip(requests, windows, strict=True)])  # (B, Q)
+        positions = pad_sequence(
+            [torch.arange(w.start, w.end, device=self.device) for w in windows], batch_first=True
+        )  # (B, Q); padded queries sit at 0 and are never read
+        logits = self.model(ids, position_ids=positions, kv=BatchKV(caches, windows)).logits  # (B, Q, V)
+        for request in requests:
+            request.nfe += 1
+        offsets = torch.tensor([w.start for w in windows], device=self.device)
+        input_ids = self._pack([r.canvas for r in requests])
+        no_cfg = [-1] * len(requests)
+        return StepBatch(requests, input_ids, logits, self.logits_shift, no_cfg, self.eos_id, self.eot_id, offsets)
+
+    def _cache_of(self, request: Request, window: Window) -> RequestKV:
+        """The request's cache; a throwaway for a request without one, which always feeds its whole canvas."""
+        if request.params.cache == "none":
+            return RequestKV()
+        if request.kv is None:
+            assert window.is_full, "a cache starts with a refresh over the whole canvas"
+            request.kv = RequestKV()
+        return request.kv
 
     def _pack(self, canvases: list[Tensor]) -> Tensor:
         """(B, L) canvases, right-padded. A lone canvas is used in place: commits write through to it."""

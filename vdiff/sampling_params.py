@@ -24,6 +24,7 @@ CONFIDENCE_DTYPES: dict[str, torch.dtype | None] = {
     "float32": torch.float32,
     "float64": torch.float64,
 }
+CACHE_MODES = ("none", "prefix", "dual")  # Fast-dLLM's approximate KV caches (vdiff/kv_cache.py)
 _MAX_SEED = 2**63 - 1
 
 
@@ -52,6 +53,7 @@ class SamplingParams:
     # `factor` rule admits; always at least the most confident one. None: the fixed schedule.
     threshold: float | None = None
     factor: float | None = None
+    cache: str = "none"  # refresh at each block start, then feed the block and suffix (prefix) or the block (dual)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -96,6 +98,8 @@ def _validate(p: SamplingParams) -> None:
         raise ValueError(f"confidence_dtype must be one of {sorted(CONFIDENCE_DTYPES)}, got {p.confidence_dtype!r}")
     _check_number("threshold", p.threshold, "in (0, 1]", lambda v: 0 < v <= 1, optional=True)
     _check_number("factor", p.factor, "a number > 0", lambda v: v > 0, optional=True)
+    if p.cache not in CACHE_MODES:
+        raise ValueError(f"cache must be one of {list(CACHE_MODES)}, got {p.cache!r}")
     if p.threshold is not None and p.factor is not None:
         raise ValueError("threshold and factor are two rules for the same choice; set one of them")
 

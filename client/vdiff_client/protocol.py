@@ -61,6 +61,7 @@ class DiffusionFields(RequestBody):
     alg_temp: float | None = None
     threshold: float | None = None  # Fast-dLLM's parallel decoding: commit what reaches this confidence
     factor: float | None = None  # or its factor rule
+    cache: str | None = None  # Fast-dLLM's approximate KV cache: none, prefix or dual
 
 
 class SamplingFields(DiffusionFields):

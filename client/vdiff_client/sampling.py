@@ -141,6 +141,7 @@ def ensemble_values(
         "alg_temp": request.alg_temp,
         "threshold": request.threshold,
         "factor": request.factor,
+        "cache": request.cache,
     }
     values |= {name: value for name, value in chosen.items() if value is not None}
     if request.seed is not None:

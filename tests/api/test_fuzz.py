@@ -62,6 +62,7 @@ SAMPLING = {
     "cfg_scale": st.floats(0, 2),
     "threshold": st.floats(0.01, 1),
     "factor": st.floats(0.1, 10),
+    "cache": st.sampled_from(["none", "prefix", "dual"]),
     "user": TEXT,
 }
 COMPLETION = SAMPLING | {"prompt": PROMPTS, "echo": st.booleans(), "suffix": st.none()}

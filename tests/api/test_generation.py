@@ -36,7 +36,7 @@ def test_completion_equals_the_offline_engine_with_exact_usage(client: openai.Op
 
 def test_parallel_decoding_fields_reach_the_engine(client: openai.OpenAI, llada_llm: LLM) -> None:
     prompt = "Hello there"
-    for rule in ({"threshold": 0.03}, {"factor": 2.95}):
+    for rule in ({"threshold": 0.03}, {"factor": 2.95}, {"threshold": 0.03, "cache": "prefix"}, {"cache": "dual"}):
         fields = {"block_length": 8, "ignore_eos": True, **rule}
         result = client.completions.create(model=SERVED[0], prompt=prompt, max_tokens=16, extra_body=fields)
         assert result.choices[0].text == offline_text(llada_llm, prompt, max_tokens=16, temperature=0.0, **fields)

@@ -49,8 +49,10 @@ def waiting(server: Server) -> float:
         {"max_tokens": 20, "stop": ["u"]},
         {"max_tokens": 32, "block_length": 8, "threshold": 0.03},
         {"max_tokens": 24, "block_length": 8, "factor": 2.95},
+        {"max_tokens": 32, "block_length": 8, "threshold": 0.03, "cache": "dual"},
+        {"max_tokens": 24, "steps": 12, "block_length": 8, "cache": "prefix"},
     ],
-    ids=["default", "blocks", "random-remasking", "stop-words", "threshold", "factor"],
+    ids=["default", "blocks", "random-remasking", "stop-words", "threshold", "factor", "dual-cache", "prefix-cache"],
 )
 def test_grpc_stream_equals_offline_engine(triton_server: Server, llada_llm: LLM, params: dict[str, Any]) -> None:
     for prompt in PROMPTS:
@@ -183,6 +185,7 @@ INVALID = [
     ({"text_input": "x", "stop_words": ["ok", ""]}, "'stop_words'[1] is an empty string"),
     ({"text_input": "x", "threshold": 1.5}, "threshold must be a finite number in (0, 1]"),
     ({"text_input": "x", "threshold": 0.9, "steps": 8}, "steps does not apply with threshold or factor"),
+    ({"text_input": "x", "cache": "triple"}, "cache must be one of ['none', 'prefix', 'dual']"),
 ]
 
 

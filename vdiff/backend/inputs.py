@@ -45,6 +45,7 @@ OPTIONS = (
     Option("alg_temp", "TYPE_FP32", "alg_temp"),
     Option("threshold", "TYPE_FP32", "threshold"),
     Option("factor", "TYPE_FP32", "factor"),
+    Option("cache", "TYPE_STRING", "cache"),
     Option("stream", "TYPE_BOOL", None),
     Option("exclude_input_in_output", "TYPE_BOOL", None),
     # The counts are always returned; the flags exist because the Triton OpenAI frontend sends them.

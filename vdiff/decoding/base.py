@@ -1,10 +1,11 @@
 """The decoding-strategy interface and the registry that maps algorithm names to strategies.
 
 A strategy owns one family of schedules: it resolves the parameters it reads, sets up a request's
-schedule when the request is admitted, and once per engine step commits tokens on the canvases of
-all its requests from one shared forward pass. Strategies are stateless; everything that changes
+schedule when the request is admitted, names the canvas window whose logits its next step reads
+(the whole canvas unless the request caches), and once per engine step commits tokens on the
+canvases of all its requests from one shared forward pass. Strategies are stateless; everything that changes
 lives on the Request, so one instance serves every request that names it. The engine and the
-scheduler only ever call these four methods, so new strategies (threshold decoding, cached
+scheduler only ever call these methods, so new strategies (threshold decoding, cached
 forwards, APD) slot in without touching either.
 """
 
@@ -33,6 +34,10 @@ class DecodingStrategy(ABC):
     @abstractmethod
     def start(self, request: Request) -> None:
         """Set the schedule of a newly admitted request."""
+
+    def window(self, request: Request) -> tuple[int, int]:
+        """Canvas positions [start, end) that the next forward must score for this request."""
+        return 0, request.canvas_len
 
     @abstractmethod
     def step(self, batch: StepBatch, rows: list[int]) -> None:

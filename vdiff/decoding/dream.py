@@ -45,6 +45,11 @@ class DreamSampler(DecodingStrategy):
                     f"{name} applies to LLaDA's algorithms ('low_confidence', 'random'), which also decode "
                     f"Dream models; {self.name!r} has no blocks"
                 )
+        if params.cache != "none":
+            raise ValueError(
+                f"cache applies to LLaDA's algorithms ('low_confidence', 'random'), which also decode Dream "
+                f"models; {self.name!r} has no blocks to refresh it at"
+            )
         return params.replace(
             steps=params.steps or defaults.steps or params.max_tokens,
             eps=defaults.eps if params.eps is None else params.eps,

@@ -12,6 +12,10 @@ llada/generate.py; the factor rule as dInfer's get_transfer_index_dynamic has it
 step follows the confidences instead of the schedule, so `steps` does not apply: a step commits
 every masked position of the block that its rule admits, at least the most confident one, and a
 block ends when it holds no mask.
+
+With `cache` set (Fast-dLLM's approximate KV cache, vdiff/kv_cache.py) the first step of every
+block is a full forward that refreshes the request's keys and values; later steps of the block
+score only the block and what follows it (`prefix`) or the block alone (`dual`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class LLaDASampler(DecodingStrategy):
         for name in ("eps", "alg_temp"):
             if getattr(params, name) is not None:
                 raise ValueError(f"{name} applies to Dream's algorithms, not to {self.name!r}")
+        if params.cache != "none" and params.cfg_scale > 0:
+            raise ValueError("cfg_scale does not combine with cache: the unconditional canvas would need its own")
         max_tokens = _max_tokens(params)
         block = params.block_length or min(defaults.block_length or DEFAULT_BLOCK_LENGTH, max_tokens)
         num_blocks = math.ceil(max_tokens / block)
@@ -76,12 +82,21 @@ class LLaDASampler(DecodingStrategy):
         request.block = 0
         self._start_block(request)
 
+    def window(self, request: Request) -> tuple[int, int]:
+        mode = request.params.cache
+        if mode == "none" or request.step == 0:  # no cache, or the refresh at the block start
+            return 0, request.canvas_len
+        block = request.params.block_length
+        assert block is not None
+        block_start = request.window_end - block
+        return (block_start, request.canvas_len) if mode == "prefix" else (block_start, request.window_end)
+
     def step(self, batch: StepBatch, rows: list[int]) -> None:
         for group in _by_confidence_dtype(batch, rows):
             requests = [batch.requests[r] for r in group]
             candidates = masked_candidates(batch.input_ids, group, requests)
             logits = batch.logits_at(candidates)  # (N, V)
-            x0 = self._propose(logits, candidates)
+            x0 = self._propose(_proposal_logits(logits, candidates), candidates)
             confidence = self.confidence(logits, x0, candidates, batch)
             picks = top_by_confidence(confidence, candidates, commit_counts(confidence, candidates))
             commit(batch.input_ids, candidates, x0, picks)
@@ -152,6 +167,24 @@ class RandomRemasking(LLaDASampler):
 
 def is_parallel(params: SamplingParams) -> bool:
     return params.threshold is not None or params.factor is not None
+
+
+def _proposal_logits(logits: Tensor, candidates: Candidates) -> Tensor:
+    """The logits x0 is drawn from: for parallel rules and cached windows, never the mask id itself.
+
+    A trained model never predicts the mask token, but a committed mask would stay a candidate:
+    a parallel block, which ends only when no mask is left, would never end, and a cached window
+    could not score it again once its block is behind. Confidences still come from the raw logits.
+    """
+    guarded = [is_parallel(r.params) or r.params.cache != "none" for r in candidates.requests]
+    if not any(guarded):
+        return logits
+    out = logits.clone()
+    mask_id = candidates.requests[0].mask_id
+    for (_, _, seg), guard in zip(candidates.segments(), guarded, strict=True):
+        if guard:
+            out[seg, mask_id] = float("-inf")
+    return out
 
 
 def commit_counts(confidence: Tensor, candidates: Candidates) -> list[int]:

@@ -11,10 +11,13 @@ shift, so every vdiff decoder reads "row i predicts position i" whatever the fam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from vdiff.kv_cache import BatchKV
 
 
 @dataclass
@@ -28,14 +31,21 @@ class DiffusionLM(Protocol):
     logits_shift: int  # how many positions the logits must move right to line up with the canvas
     mask_token_id: int | None
     max_sequence_length: int
+    supports_kv_cache: bool  # takes `kv` (vdiff/kv_cache.py): vdiff's native models do
 
     def __call__(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
     ) -> DiffusionLMOutput: ...
 
 
 class HFStyleModel(nn.Module):
     """`device` and `dtype` as transformers models expose them (reference samplers read model.device)."""
+
+    supports_kv_cache = True
 
     @property
     def device(self) -> torch.device:

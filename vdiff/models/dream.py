@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from vdiff.kv_cache import BatchKV, LayerKV
 from vdiff.models.base import DiffusionLMOutput, HFStyleModel
 from vdiff.models.configs import DreamConfig
 from vdiff.models.layers import AttentionMask, RMSNorm, Rotary, default_positions, self_attention, swiglu
@@ -28,9 +29,9 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=True)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, x: Tensor, rotary: Rotary, mask: AttentionMask) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, mask: AttentionMask, kv: LayerKV | None) -> Tensor:
         heads = (self.config.num_attention_heads, self.config.num_key_value_heads)
-        return self.o_proj(self_attention(x, (self.q_proj, self.k_proj, self.v_proj), *heads, rotary, mask))
+        return self.o_proj(self_attention(x, (self.q_proj, self.k_proj, self.v_proj), *heads, rotary, mask, kv))
 
 
 class DreamMLP(nn.Module):
@@ -52,8 +53,8 @@ class DreamDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: Tensor, rotary: Rotary, mask: AttentionMask) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, mask)
+    def forward(self, x: Tensor, rotary: Rotary, mask: AttentionMask, kv: LayerKV | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -65,14 +66,16 @@ class DreamBaseModel(nn.Module):
         self.layers = nn.ModuleList(DreamDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, kv: BatchKV | None
+    ) -> Tensor:
         x = self.embed_tokens(input_ids)  # (B, L, hidden)
         positions = default_positions(input_ids) if position_ids is None else position_ids
         # Dream casts cos/sin to the activation dtype before rotating (full_precision=False).
         rotary = Rotary.at(positions, self.config.head_dim, self.config.rope_theta, full_precision=False)
         mask = AttentionMask.from_hf(attention_mask)
-        for layer in self.layers:
-            x = layer(x, rotary, mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rotary, mask, None if kv is None else kv.layer(i))
         return self.norm(x)
 
 
@@ -98,6 +101,10 @@ class DreamModel(HFStyleModel):
         return self.config.max_position_embeddings
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
     ) -> DiffusionLMOutput:
-        return DiffusionLMOutput(self.lm_head(self.model(input_ids, attention_mask, position_ids)))
+        return DiffusionLMOutput(self.lm_head(self.model(input_ids, attention_mask, position_ids, kv)))

@@ -11,11 +11,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from vdiff.kv_cache import LayerKV
 
 
 class RMSNorm(nn.Module):
@@ -107,14 +110,23 @@ def self_attention(
     num_kv_heads: int,
     rotary: Rotary,
     mask: AttentionMask,
+    kv: LayerKV | None = None,
 ) -> Tensor:
-    """Bidirectional multi-head (or grouped-query) attention of x (B, L, C); returns (B, L, H*D)."""
+    """Bidirectional multi-head (or grouped-query) attention of x (B, L, C); returns (B, L, H*D).
+
+    With `kv` the L queries are a window of each canvas: their keys and values go into the cache
+    and the queries attend to the cached canvas (S keys) instead of to each other alone.
+    """
     q_proj, k_proj, v_proj = projections
     batch, length, _ = x.shape
     q = q_proj(x).view(batch, length, num_heads, -1).transpose(1, 2)  # (B, H, L, D)
     k = k_proj(x).view(batch, length, num_kv_heads, -1).transpose(1, 2)  # (B, K, L, D)
     v = v_proj(x).view(batch, length, num_kv_heads, -1).transpose(1, 2)
-    out = attend(rotary.apply(q), rotary.apply(k), v, mask)  # (B, H, L, D)
+    k = rotary.apply(k)
+    if kv is not None:
+        k, v, keep = kv.update(k, v)  # (B, K, S, D) each
+        mask = AttentionMask(keep=keep)
+    out = attend(rotary.apply(q), k, v, mask)  # (B, H, L, D)
     return out.transpose(1, 2).reshape(batch, length, -1)
 
 

@@ -16,6 +16,7 @@ from typing import cast
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vdiff.kv_cache import BatchKV, LayerKV
 from vdiff.models.base import DiffusionLMOutput, HFStyleModel
 from vdiff.models.configs import LLaDAConfig
 from vdiff.models.layers import AttentionMask, RMSNorm, Rotary, default_positions, self_attention
@@ -37,10 +38,10 @@ class LLaDALlamaBlock(nn.Module):
         self.up_proj = nn.Linear(d, hidden, bias=bias)
         self.ff_out = nn.Linear(hidden, d, bias=bias)
 
-    def forward(self, x: Tensor, rotary: Rotary, mask: AttentionMask) -> Tensor:
+    def forward(self, x: Tensor, rotary: Rotary, mask: AttentionMask, kv: LayerKV | None) -> Tensor:
         qkv = (self.q_proj, self.k_proj, self.v_proj)
         heads = (self.config.n_heads, self.config.n_kv_heads)
-        x = x + self.attn_out(self_attention(self.attn_norm(x), qkv, *heads, rotary, mask))
+        x = x + self.attn_out(self_attention(self.attn_norm(x), qkv, *heads, rotary, mask, kv))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
@@ -58,7 +59,9 @@ class LLaDAModel(nn.Module):
             modules["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=config.include_bias)
         self.transformer = nn.ModuleDict(modules)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None) -> Tensor:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, kv: BatchKV | None
+    ) -> Tensor:
         config = self.config
         x = self.transformer["wte"](input_ids)  # (B, L, d_model)
         if config.input_emb_norm:
@@ -66,8 +69,8 @@ class LLaDAModel(nn.Module):
         positions = default_positions(input_ids) if position_ids is None else position_ids
         rotary = Rotary.at(positions, config.head_dim, config.rope_theta, config.rope_full_precision)
         mask = AttentionMask.from_hf(attention_mask)
-        for block in cast(nn.ModuleList, self.transformer["blocks"]):
-            x = block(x, rotary, mask)
+        for i, block in enumerate(cast(nn.ModuleList, self.transformer["blocks"])):
+            x = block(x, rotary, mask, None if kv is None else kv.layer(i))
         x = self.transformer["ln_f"](x)
         head = self.transformer["wte"] if config.weight_tying else self.transformer["ff_out"]
         logits = F.linear(x, cast(Tensor, head.weight), getattr(head, "bias", None))  # (B, L, embedding_size)
@@ -93,6 +96,10 @@ class LLaDAModelLM(HFStyleModel):
         return self.config.max_sequence_length
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
     ) -> DiffusionLMOutput:
-        return DiffusionLMOutput(self.model(input_ids, attention_mask, position_ids))
+        return DiffusionLMOutput(self.model(input_ids, attention_mask, position_ids, kv))

@@ -23,6 +23,7 @@ class RemoteCodeModel(HFStyleModel):
     # Unknown families are assumed to predict position i from row i (like LLaDA and BERT-style
     # masked LMs); a shifted family needs a native implementation to declare its shift.
     logits_shift = 0
+    supports_kv_cache = False  # the checkpoint's own attention knows nothing of vdiff's windows
 
     def __init__(self, inner: nn.Module, config: dict[str, Any]) -> None:
         super().__init__()
