@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from fast_dllm_oracles import fast_dllm_cached_reference
 
-from oracles import fast_dllm_cached_reference
 from vdiff import LLM, SamplingParams
 from vdiff.kv_cache import BatchKV, RequestKV, Window
 

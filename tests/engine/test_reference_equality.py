@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+from fast_dllm_oracles import fast_dllm_reference
 
-from oracles import dream_reference, fast_dllm_reference, llada_reference
+from oracles import dream_reference, llada_reference
 from vdiff import LLM, SamplingParams
 
 PROMPT = [17, 42, 99, 7, 256, 31, 5]
