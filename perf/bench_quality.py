@@ -43,6 +43,8 @@ DEFAULT_CONFIGS = (
     "8/step:steps=5",
     "random-remask:algorithm=random",
     "blocks-of-8:block_length=8",
+    "threshold-0.9:threshold=0.9",  # Fast-dLLM's parallel decoding, no cache
+    "factor-1:factor=1",
 )
 
 
