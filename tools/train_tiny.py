@@ -3,11 +3,12 @@
 
     python tools/train_tiny.py [--which both] [--llada-out build/demo/vdiff-demo] [--ar-out build/demo/vdiff-demo-ar]
 
-The diffusion model is the repo's own LLaDA implementation trained with LLaDA's SFT objective
-(vdiff/training/sft.py) on the synthetic task of vdiff/training/demo_task.py; the verifier is a
-transformers LlamaForCausalLM with the same character tokenizer, trained on next-token loss of the
-answer. AdamW with linear warmup and cosine decay. One seed gives the same checkpoints on the
-same machine and thread count. A progress line reports loss and, every --eval-every steps,
+The verifier is a transformers LlamaForCausalLM with the character tokenizer, trained first on
+next-token loss of the answer; the diffusion model is the repo's own LLaDA implementation of the
+same shape, started from the verifier's weights and trained with LLaDA's SFT objective
+(vdiff/training/sft.py), both on the synthetic task of vdiff/training/demo_task.py. AdamW with
+linear warmup and cosine decay. One seed gives the same checkpoints on the same machine and
+thread count. A progress line reports loss and, every --eval-every steps,
 held-out exact-match accuracy per family (the diffusion model decoded by vdiff's engine with
 its shipped defaults: one token per step, low-confidence remasking, temperature 0).
 """
@@ -38,6 +39,21 @@ from vdiff.training.evaluate import ar_replies, format_accuracy, llada_replies  
 from vdiff.training.sft import causal_lm_loss, llada_sft_loss, sft_batch  # noqa: E402
 
 DEFAULT_MIX = "add=3,sub=3,sort=3,reverse=1,count=1,spell=1"
+# The verifier's transformers Llama names -> this repo's LLaDA names, for the warm start.
+LLAMA_TO_LLADA = {
+    "model.embed_tokens": "model.transformer.wte",
+    "model.norm": "model.transformer.ln_f",
+    "lm_head": "model.transformer.ff_out",
+    "self_attn.q_proj": "q_proj",
+    "self_attn.k_proj": "k_proj",
+    "self_attn.v_proj": "v_proj",
+    "self_attn.o_proj": "attn_out",
+    "mlp.gate_proj": "ff_proj",  # LLaDA's SiLU-gated branch
+    "mlp.up_proj": "up_proj",
+    "mlp.down_proj": "ff_out",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ff_norm",
+}
 # Projections into the residual stream (LLaDA's, then Llama's), initialised smaller. LLaDA's untied
 # LM head is also named "ff_out" and is shrunk with them: a small-logit start, which is harmless.
 RESIDUAL_OUTPUTS = ("attn_out.weight", "ff_out.weight", "o_proj.weight", "down_proj.weight")
@@ -83,6 +99,30 @@ def init_weights(model: nn.Module, layers: int, std: float = 0.02) -> None:
             continue  # norm weights keep their ones
         residual_out = name.endswith(RESIDUAL_OUTPUTS)
         nn.init.normal_(param, std=std / math.sqrt(2 * layers) if residual_out else std)
+
+
+def llada_name(llama_name: str) -> str:
+    stem = llama_name.removesuffix(".weight")
+    if stem in LLAMA_TO_LLADA:
+        return LLAMA_TO_LLADA[stem] + ".weight"
+    _, _, index, rest = stem.split(".", 3)  # model.layers.{i}.{module}
+    return f"model.transformer.blocks.{index}.{LLAMA_TO_LLADA[rest]}.weight"
+
+
+def warm_start(model: nn.Module, causal_dir: Path) -> None:
+    """Start the diffusion model from the verifier's weights (same tokenizer and shape).
+
+    Adapting a causal LM to the masked-diffusion objective is how Dream was made from Qwen2.5;
+    here it takes the model past the loss plateau that a random start sits on for thousands of
+    steps. Every LLaDA weight must come from the checkpoint, or the shapes disagree.
+    """
+    from safetensors.torch import load_file
+
+    weights = {llada_name(k): v.float() for k, v in load_file(causal_dir / "model.safetensors").items()}
+    expected = model.state_dict()
+    if set(weights) != set(expected) or any(weights[k].shape != expected[k].shape for k in expected):
+        raise SystemExit(f"{causal_dir} does not have the diffusion model's shape; train it with the same --ar-* sizes")
+    model.load_state_dict(weights)
 
 
 def optimizer_for(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -141,13 +181,16 @@ def _progress(name: str, done: int, total: int, started: float, loss: float | No
 def train_llada(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dict[str, float]:  # type: ignore[no-untyped-def]
     size = ModelSize(args.layers, args.hidden, args.heads, args.intermediate)
     raw = ckpt.demo_llada_config(tokenizer, argparse.Namespace(**vars(size)))
-    # LLaDA-8B's 500000 leaves a 32-wide head almost no positional resolution over 90 tokens
+    # the verifier's base, so that the warm start keeps the positions it learned (LLaDA-8B's 500000
+    # would leave a 32-wide head almost no positional resolution over 90 tokens)
     raw["rope_theta"] = args.rope_theta
     torch.manual_seed(config.seed)
     architecture = native_architecture("llada")
     assert architecture is not None
     model = architecture.build(raw)
     init_weights(model, size.layers)
+    if args.init_from != "none":
+        warm_start(model, Path(args.init_from or args.ar_out))
     model.to(args.device)
     print(f"vdiff-demo: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters", flush=True)
     mask_id, out = raw["mask_token_id"], Path(args.llada_out)
@@ -223,7 +266,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu (the shipped models' budget) or cuda (recipe sweeps)")
-    p.add_argument("--steps", type=int, default=8000, help="diffusion-model optimizer steps")
+    p.add_argument("--steps", type=int, default=1500, help="diffusion-model optimizer steps")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="causal LM to warm-start the diffusion model from (default: the verifier at --ar-out; 'none': random)",
+    )
     p.add_argument("--ar-steps", type=int, default=3500)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -238,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate", type=int, default=384)
-    p.add_argument("--rope-theta", type=float, default=100.0)
+    p.add_argument("--rope-theta", type=float, default=10000.0, help="the verifier's, for the warm start")
     p.add_argument("--ar-layers", type=int, default=4)
     p.add_argument("--ar-hidden", type=int, default=128)
     p.add_argument("--ar-heads", type=int, default=4)
@@ -272,10 +320,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     torch.set_num_threads(args.threads)
     tokenizer = ckpt.char_tokenizer()
+    if args.which in ("ar", "both"):  # first: the diffusion model starts from it
+        train_ar(args, train_config(args, ar=True), tokenizer)
     if args.which in ("llada", "both"):
         train_llada(args, train_config(args, ar=False), tokenizer)
-    if args.which in ("ar", "both"):
-        train_ar(args, train_config(args, ar=True), tokenizer)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - `vdiff-demo` (the default model): a 0.9M-parameter LLaDA-architecture diffusion model trained by
   `tools/train_tiny.py` on the synthetic instruction task of `vdiff/training/demo_task.py`
-  (arithmetic, sorting, reversing, spelling, counting); character tokenizer, bfloat16.
+  (arithmetic, sorting, reversing, spelling, counting), starting from `vdiff-demo-ar`'s weights;
+  character tokenizer, bfloat16.
 - `vdiff-demo-ar`: its autoregressive verifier for Adaptive Parallel Decoding, a 0.9M-parameter
   transformers Llama trained by the same tool on the same data, with the same tokenizer.
 - `vdiff-tiny`: a random-weight LLaDA checkpoint written by `tools/make_tiny_model.py --arch llada`
