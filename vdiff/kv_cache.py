@@ -51,15 +51,15 @@ class Window:
 class BatchKV:
     """The caches of one windowed forward; `layer(i)` is what attention layer i reads and writes."""
 
-    def __init__(self, caches: list[RequestKV], windows: list[Window]) -> None:
+    def __init__(self, caches: list[RequestKV], windows: list[Window], device: torch.device | str = "cpu") -> None:
         self.caches = caches
         self.windows = windows
         longest = max(w.canvas_len for w in windows)
         self.key_len = longest
         self.keep: Tensor | None = None  # (B, S) True on real keys, None when no row is padded
         if any(w.canvas_len != longest for w in windows):
-            lengths = torch.tensor([w.canvas_len for w in windows])
-            self.keep = torch.arange(longest) < lengths[:, None]
+            lengths = torch.tensor([w.canvas_len for w in windows], device=device)
+            self.keep = torch.arange(longest, device=device) < lengths[:, None]
 
     def layer(self, index: int) -> LayerKV:
         return LayerKV(self, index)
@@ -82,10 +82,9 @@ class LayerKV:
             else:
                 cache.keys[self.index][:, window.start : window.end] = fresh_k
                 cache.values[self.index][:, window.start : window.end] = fresh_v
-        keep = None if batch.keep is None else batch.keep.to(k.device)
         if len(batch.caches) == 1:
-            return batch.caches[0].keys[self.index][None], batch.caches[0].values[self.index][None], keep
-        return self._stacked(batch.caches, "keys", k), self._stacked(batch.caches, "values", v), keep
+            return batch.caches[0].keys[self.index][None], batch.caches[0].values[self.index][None], batch.keep
+        return self._stacked(batch.caches, "keys", k), self._stacked(batch.caches, "values", v), batch.keep
 
     def _stacked(self, caches: list[RequestKV], name: str, like: Tensor) -> Tensor:
         heads, dim = like.shape[1], like.shape[3]
@@ -97,7 +96,7 @@ class LayerKV:
 
 
 def _store(tensors: list[Tensor], index: int, fresh: Tensor) -> None:
-    tensor = fresh.contiguous().clone()  # not a view of the batch's k/v, which die with the step
+    tensor = fresh.clone(memory_format=torch.contiguous_format)  # one copy, not a view of the step's k/v
     if index < len(tensors):
         tensors[index] = tensor
     else:

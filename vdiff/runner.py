@@ -93,7 +93,7 @@ class ModelRunner:
         positions = pad_sequence(
             [torch.arange(w.start, w.end, device=self.device) for w in windows], batch_first=True
         )  # (B, Q); padded queries sit at 0 and are never read
-        logits = self.model(ids, position_ids=positions, kv=BatchKV(caches, windows)).logits  # (B, Q, V)
+        logits = self.model(ids, position_ids=positions, kv=BatchKV(caches, windows, self.device)).logits  # (B, Q, V)
         for request in requests:
             request.nfe += 1
         offsets = torch.tensor([w.start for w in windows], device=self.device)

@@ -3,8 +3,8 @@
 A strategy owns one family of schedules: it resolves the parameters it reads, sets up a request's
 schedule when the request is admitted, names the canvas window whose logits its next step reads
 (the whole canvas unless the request caches), and once per engine step commits tokens on the
-canvases of all its requests from one shared forward pass. Strategies are stateless; everything that changes
-lives on the Request, so one instance serves every request that names it. The engine and the
+canvases of all its requests from one shared forward pass. Strategies are stateless; everything
+that changes lives on the Request, so one instance serves every request that names it. The engine and the
 scheduler only ever call these methods, so new strategies (threshold decoding, cached
 forwards, APD) slot in without touching either.
 """

@@ -39,17 +39,14 @@ class DreamSampler(DecodingStrategy):
     def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
         if params.block_length is not None:
             raise ValueError(f"block_length applies to LLaDA's algorithms; {self.name!r} decodes the whole canvas")
-        for name in ("confidence_eos_eot_inf", "threshold", "factor"):
-            if getattr(params, name):
+        blockwise = {"confidence_eos_eot_inf": params.confidence_eos_eot_inf, "threshold": params.threshold,
+                     "factor": params.factor, "cache": params.cache != "none"}  # fmt: skip
+        for name, used in blockwise.items():
+            if used:
                 raise ValueError(
                     f"{name} applies to LLaDA's algorithms ('low_confidence', 'random'), which also decode "
                     f"Dream models; {self.name!r} has no blocks"
                 )
-        if params.cache != "none":
-            raise ValueError(
-                f"cache applies to LLaDA's algorithms ('low_confidence', 'random'), which also decode Dream "
-                f"models; {self.name!r} has no blocks to refresh it at"
-            )
         return params.replace(
             steps=params.steps or defaults.steps or params.max_tokens,
             eps=defaults.eps if params.eps is None else params.eps,

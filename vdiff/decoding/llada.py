@@ -59,7 +59,7 @@ class LLaDASampler(DecodingStrategy):
         max_tokens = _max_tokens(params)
         block = params.block_length or min(defaults.block_length or DEFAULT_BLOCK_LENGTH, max_tokens)
         num_blocks = math.ceil(max_tokens / block)
-        if params.threshold is not None or params.factor is not None:
+        if is_parallel(params):
             if params.steps is not None:
                 raise ValueError("steps does not apply with threshold or factor: the confidences decide the steps")
             # "auto" is the published computation, and Fast-dLLM takes its confidences in float64
