@@ -16,6 +16,7 @@ class EngineConfig:
     max_num_seqs: int = 16  # requests that share one forward pass
     max_num_batched_tokens: int | None = None  # cap on (rows x longest canvas) of one forward
     seed: int = 0  # seeds the per-request RNG of requests that bring no seed
+    verifier: str | None = None  # APD's autoregressive verifier: a causal LM sharing the tokenizer
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:

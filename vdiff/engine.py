@@ -30,6 +30,7 @@ from vdiff.sampling_params import SamplingDefaults, SamplingParams
 from vdiff.scheduler import Scheduler
 from vdiff.stopping import settle
 from vdiff.tokenizer import Tokenizer
+from vdiff.verifier import Verifier
 
 
 class Engine:
@@ -45,7 +46,8 @@ class Engine:
         self.defaults = SamplingDefaults.for_model(checkpoint.model_type, checkpoint.generation_config)
         self.vocab_size = int(checkpoint.config.get("embedding_size") or checkpoint.config["vocab_size"])
         self.max_sequence_length = cast(DiffusionLM, self.model).max_sequence_length
-        self.runner = ModelRunner(self.model, self.tokenizer.special)
+        self.verifier = self._load_verifier(config)
+        self.runner = ModelRunner(self.model, self.tokenizer.special, self.verifier)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # abort notices, returned by the next step()
@@ -121,8 +123,14 @@ class Engine:
         assert params.algorithm is not None
         strategy = get_strategy(params.algorithm)
         params = strategy.resolve(params, self.defaults)
-        if params.cache != "none" and not cast(DiffusionLM, self.model).supports_kv_cache:
-            raise ValueError(f"cache {params.cache!r} needs a native model; this one runs the checkpoint's own code")
+        if strategy.feeds_windows(params) and not cast(DiffusionLM, self.model).supports_kv_cache:
+            what = f"cache {params.cache!r}" if params.cache != "none" else "apd_kv_window and apd_max_lookahead"
+            raise ValueError(f"{what} needs a native model; this one runs the checkpoint's own code")
+        if strategy.needs_verifier and self.verifier is None:
+            raise ValueError(
+                f"algorithm {params.algorithm!r} needs an autoregressive verifier: start the engine with "
+                "verifier=PATH (vdiff serve --verifier PATH)"
+            )
         gen_length = strategy.gen_length(params)
         if len(prompt_ids) + gen_length > self.max_sequence_length:
             raise ValueError(
@@ -137,6 +145,12 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else special.stop_ids)
         generator = torch.Generator(device=device).manual_seed(seed)
         return Request(request_id, prompt_ids, params, strategy, canvas, generator, stop_ids, special.mask)
+
+    def _load_verifier(self, config: EngineConfig) -> Verifier | None:
+        if config.verifier is None:
+            return None
+        weight = next(self.model.parameters())  # the verifier runs in the diffusion model's dtype, on its device
+        return Verifier.load(config.verifier, self.tokenizer, weight.dtype, weight.device)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -5,6 +5,8 @@ full forward (the refresh at each block start). Later steps feed only a window o
 (prefix: the block and everything after it; dual: the block alone): the window's fresh keys and
 values overwrite its part of the cache, and its queries attend to the whole canvas, stale outside
 the window. So one rule serves both modes, and a refresh is simply a window that covers the canvas.
+APD (vdiff/decoding/apd.py) uses the same rule with a shorter key range: its rows attend only to
+the canvas up to their lookahead end, the positions after it are not in its input at all.
 
 In a batch every row has its own window and canvas length: queries are right-padded to the
 longest window (B, Q) and keys to the longest canvas (B, S), padded keys masked.
@@ -33,19 +35,30 @@ class RequestKV:
 
 @dataclass(frozen=True)
 class Window:
-    """The canvas positions [start, end) a row feeds this step, of a canvas of `canvas_len`."""
+    """The canvas positions [start, end) a row feeds this step; its queries attend to the keys of
+    positions [0, keys), of a canvas of `canvas_len` (keys None: the whole canvas)."""
 
     start: int
     end: int
     canvas_len: int
+    keys: int | None = None
 
     @property
     def length(self) -> int:
         return self.end - self.start
 
     @property
+    def key_len(self) -> int:
+        return self.canvas_len if self.keys is None else self.keys
+
+    @property
+    def covers_canvas(self) -> bool:
+        return self.start == 0 and self.end == self.canvas_len and self.key_len == self.canvas_len
+
+    @property
     def is_full(self) -> bool:
-        return self.start == 0 and self.end == self.canvas_len
+        """The window is everything the row attends to: a refresh, which replaces the cache."""
+        return self.start == 0 and self.end == self.key_len
 
 
 class BatchKV:
@@ -54,11 +67,11 @@ class BatchKV:
     def __init__(self, caches: list[RequestKV], windows: list[Window], device: torch.device | str = "cpu") -> None:
         self.caches = caches
         self.windows = windows
-        longest = max(w.canvas_len for w in windows)
+        longest = max(w.key_len for w in windows)
         self.key_len = longest
         self.keep: Tensor | None = None  # (B, S) True on real keys, None when no row is padded
-        if any(w.canvas_len != longest for w in windows):
-            lengths = torch.tensor([w.canvas_len for w in windows], device=device)
+        if any(w.key_len != longest for w in windows):
+            lengths = torch.tensor([w.key_len for w in windows], device=device)
             self.keep = torch.arange(longest, device=device) < lengths[:, None]
 
     def layer(self, index: int) -> LayerKV:
@@ -77,26 +90,32 @@ class LayerKV:
         for row, (cache, window) in enumerate(zip(batch.caches, batch.windows, strict=True)):
             fresh_k, fresh_v = k[row, :, : window.length], v[row, :, : window.length]
             if window.is_full:  # a refresh: the fresh tensors are the cache
-                _store(cache.keys, self.index, fresh_k)
-                _store(cache.values, self.index, fresh_v)
+                _store(cache.keys, self.index, fresh_k, window.canvas_len)
+                _store(cache.values, self.index, fresh_v, window.canvas_len)
             else:
                 cache.keys[self.index][:, window.start : window.end] = fresh_k
                 cache.values[self.index][:, window.start : window.end] = fresh_v
         if len(batch.caches) == 1:
-            return batch.caches[0].keys[self.index][None], batch.caches[0].values[self.index][None], batch.keep
-        return self._stacked(batch.caches, "keys", k), self._stacked(batch.caches, "values", v), batch.keep
+            key_len = batch.windows[0].key_len
+            cache = batch.caches[0]
+            return cache.keys[self.index][None, :, :key_len], cache.values[self.index][None, :, :key_len], batch.keep
+        return self._stacked("keys", k), self._stacked("values", v), batch.keep
 
-    def _stacked(self, caches: list[RequestKV], name: str, like: Tensor) -> Tensor:
+    def _stacked(self, name: str, like: Tensor) -> Tensor:
         heads, dim = like.shape[1], like.shape[3]
-        out = like.new_zeros(len(caches), heads, self.batch.key_len, dim)
-        for row, cache in enumerate(caches):
-            tensor = getattr(cache, name)[self.index]
-            out[row, :, : tensor.shape[1]] = tensor
+        out = like.new_zeros(len(self.batch.caches), heads, self.batch.key_len, dim)
+        for row, (cache, window) in enumerate(zip(self.batch.caches, self.batch.windows, strict=True)):
+            out[row, :, : window.key_len] = getattr(cache, name)[self.index][:, : window.key_len]
         return out
 
 
-def _store(tensors: list[Tensor], index: int, fresh: Tensor) -> None:
-    tensor = fresh.clone(memory_format=torch.contiguous_format)  # one copy, not a view of the step's k/v
+def _store(tensors: list[Tensor], index: int, fresh: Tensor, canvas_len: int) -> None:
+    """Keep a refresh's (K, S, D) keys or values, in room for the whole canvas (K, L, D)."""
+    if fresh.shape[1] == canvas_len:
+        tensor = fresh.clone(memory_format=torch.contiguous_format)  # one copy, not a view of the step's k/v
+    else:  # a shorter range (APD's lookahead): later windows write past its end
+        tensor = fresh.new_zeros(fresh.shape[0], canvas_len, fresh.shape[2])
+        tensor[:, : fresh.shape[1]] = fresh
     if index < len(tensors):
         tensors[index] = tensor
     else:

@@ -31,10 +31,11 @@ class LLM:
         max_num_seqs: int = 16,
         max_num_batched_tokens: int | None = None,
         seed: int = 0,
+        verifier: str | os.PathLike[str] | None = None,
     ) -> None:
         config = EngineConfig(
             str(model), tokenizer, dtype, device, trust_remote_code, chat_template,
-            max_num_seqs, max_num_batched_tokens, seed,
+            max_num_seqs, max_num_batched_tokens, seed, None if verifier is None else str(verifier),
         )  # fmt: skip
         self.engine = Engine(config)
 

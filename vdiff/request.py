@@ -16,6 +16,7 @@ from torch import Tensor
 
 from vdiff.kv_cache import RequestKV
 from vdiff.sampling_params import SamplingParams
+from vdiff.verifier import VerifierState
 
 if TYPE_CHECKING:
     from vdiff.decoding.base import DecodingStrategy
@@ -49,7 +50,10 @@ class Request:
     transfer_plan: list[int] = field(default_factory=list)  # tokens to commit at each step of the block
     timesteps: Tensor | None = None  # (steps + 1,) float32 diffusion times t, for schedules that use them
     schedule_done: bool = False
-    kv: RequestKV | None = None  # keys and values of the canvas when params.cache is not "none"
+    kv: RequestKV | None = None  # keys and values of the canvas, for strategies that keep them
+    cursor: int = 0  # APD: the first masked position; everything before it is final
+    accepted: int = 0  # APD: tokens the last round accepted
+    verifier: VerifierState | None = None  # APD: the verifier's cache of this request
 
     # the generated positions as a Python list (mask id until committed), so that finding the
     # stable prefix and reading new tokens costs no tensor op
@@ -103,7 +107,7 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
-        self.kv = None  # the cache is the bulk of a request's memory; it goes with the request's last step
+        self.kv = self.verifier = None  # the caches are the bulk of a request's memory; they go with its last step
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason

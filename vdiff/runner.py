@@ -4,9 +4,10 @@ Canvases of different lengths are right-padded into one (B, L) batch. Right padd
 canvas at positions 0..len-1, as when it runs alone, and padding is masked on the key side only,
 so a request's logits do not depend on its neighbours beyond floating-point reduction order.
 Classifier-free guidance adds one unconditional row (the prompt masked out) per request that asks
-for it, in the same forward. When a request in the step keeps a KV cache, each row feeds only the
-window its strategy names, at its absolute positions, and attends to its cached canvas
-(vdiff/kv_cache.py); logits then cover each row's window, and `offsets` say where it starts.
+for it, in the same forward. When a request in the step keeps a KV cache or feeds less than its
+canvas (APD's lookahead), each row feeds only the window its strategy names, at its absolute
+positions, and attends to its cached canvas (vdiff/kv_cache.py); logits then cover each row's
+window, and `offsets` say where it starts.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from vdiff.kv_cache import BatchKV, RequestKV, Window
 from vdiff.models.base import DiffusionLM, canvas_rows
 from vdiff.request import Request
 from vdiff.tokenizer import SpecialTokens
+from vdiff.verifier import Verifier
 
 
 @dataclass
@@ -35,6 +37,7 @@ class StepBatch:
     eos_id: int
     eot_id: int | None
     offsets: Tensor | None = None  # (B,) canvas position of each row's first logit; None: all 0
+    verifier: Verifier | None = None  # the engine's autoregressive verifier (APD), if it has one
 
     def logits_at(self, candidates: Candidates) -> Tensor:
         """(N, V) logits scoring each candidate position, guided and EOS-banned as its request asks."""
@@ -59,8 +62,9 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, special: SpecialTokens) -> None:
+    def __init__(self, model: nn.Module, special: SpecialTokens, verifier: Verifier | None = None) -> None:
         self.model = model
+        self.verifier = verifier
         self.pad_id = special.pad if special.pad != special.mask else special.eos
         self.mask_id = special.mask
         self.eos_id = special.eos
@@ -69,8 +73,9 @@ class ModelRunner:
         self.device = next(model.parameters()).device
 
     def forward(self, requests: list[Request]) -> StepBatch:
-        if any(r.params.cache != "none" for r in requests):
-            return self._windowed_forward(requests)
+        windows = [r.strategy.window(r) for r in requests]
+        if any(not w.covers_canvas or r.strategy.keeps_cache(r.params) for r, w in zip(requests, windows, strict=True)):
+            return self._windowed_forward(requests, windows)
         lengths = [r.canvas_len for r in requests]
         input_ids = self._pack([r.canvas for r in requests])
         uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
@@ -79,34 +84,53 @@ class ModelRunner:
         logits = self.model(model_ids, attention_mask=self._padding_mask(lengths)).logits
         for request in requests:
             request.nfe += 1
-        return StepBatch(requests, input_ids, logits, self.logits_shift, uncond_rows, self.eos_id, self.eot_id)
+        return self._batch(requests, input_ids, logits, uncond_rows)
 
-    def _windowed_forward(self, requests: list[Request]) -> StepBatch:
+    def _windowed_forward(self, requests: list[Request], spans: list[Window]) -> StepBatch:
         """Each row feeds its strategy's window (one position earlier for a shifted family, whose
-        logits for position i come from row i - 1) and attends to its cached canvas."""
-        windows = []
-        for request in requests:
-            start, end = request.strategy.window(request)
-            windows.append(Window(max(0, start - self.logits_shift), end, request.canvas_len))
+        logits for position i come from row i - 1) and attends to its cached canvas. CFG's
+        unconditional canvases (never cached) follow as whole-canvas rows."""
+        shift = self.logits_shift
+        windows = [Window(max(0, w.start - shift), w.end, w.canvas_len, w.keys) for w in spans]
         caches = [self._cache_of(r, w) for r, w in zip(requests, windows, strict=True)]
-        ids = self._pack([r.canvas[w.start : w.end] for r, w in zip(requests, windows, strict=True)])  # (B, Q)
+        fed = [r.canvas[w.start : w.end] for r, w in zip(requests, windows, strict=True)]
+        input_ids = self._pack([r.canvas for r in requests])
+        uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
+        guided = [r for r, row in zip(requests, uncond_rows, strict=True) if row >= 0]
+        for request, canvas in zip(guided, uncond_ids, strict=True):
+            length = request.canvas_len  # the unconditional canvas, without the batch's right padding
+            windows.append(Window(0, length, length))
+            caches.append(RequestKV())
+            fed.append(canvas[0, :length])
         positions = pad_sequence(
             [torch.arange(w.start, w.end, device=self.device) for w in windows], batch_first=True
-        )  # (B, Q); padded queries sit at 0 and are never read
-        logits = self.model(ids, position_ids=positions, kv=BatchKV(caches, windows, self.device)).logits  # (B, Q, V)
+        )  # (R, Q); padded queries sit at 0 and are never read
+        kv = BatchKV(caches, windows, self.device)
+        logits = self.model(self._pack(fed), position_ids=positions, kv=kv).logits  # (R, Q, V)
         for request in requests:
             request.nfe += 1
-        offsets = torch.tensor([w.start for w in windows], device=self.device)
-        input_ids = self._pack([r.canvas for r in requests])
-        no_cfg = [-1] * len(requests)
-        return StepBatch(requests, input_ids, logits, self.logits_shift, no_cfg, self.eos_id, self.eot_id, offsets)
+        offsets = torch.tensor([w.start for w in windows[: len(requests)]], device=self.device)
+        return self._batch(requests, input_ids, logits, uncond_rows, offsets)
+
+    def _batch(
+        self,
+        requests: list[Request],
+        input_ids: Tensor,
+        logits: Tensor,
+        uncond: list[int],
+        offsets: Tensor | None = None,
+    ) -> StepBatch:
+        return StepBatch(
+            requests, input_ids, logits, self.logits_shift, uncond, self.eos_id, self.eot_id, offsets, self.verifier
+        )
 
     def _cache_of(self, request: Request, window: Window) -> RequestKV:
-        """The request's cache; a throwaway for a request without one, which always feeds its whole canvas."""
-        if request.params.cache == "none":
+        """The request's cache; a throwaway for a request that keeps none, which then feeds all it attends to."""
+        if not request.strategy.keeps_cache(request.params):
+            assert window.is_full, "a request without a cache feeds every position it attends to"
             return RequestKV()
         if request.kv is None:
-            assert window.is_full, "a cache starts with a refresh over the whole canvas"
+            assert window.is_full, "a cache starts with a refresh over every position it attends to"
             request.kv = RequestKV()
         return request.kv
 

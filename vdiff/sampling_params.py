@@ -54,6 +54,13 @@ class SamplingParams:
     threshold: float | None = None
     factor: float | None = None
     cache: str = "none"  # refresh at each block start, then feed the block and suffix (prefix) or the block (dual)
+    # APD (algorithm "apd", with a verifier; the APD code's flag names): R, the weight of the
+    # diffusion model in the mixture that judges its drafts (higher: faster); W, how many positions
+    # before the cursor each round recomputes, the rest read from a cache (None: no cache); M, how
+    # many masked positions after the cursor a round drafts and the model sees (None: all).
+    apd_mixture_weight: float | None = None
+    apd_kv_window: int | None = None
+    apd_max_lookahead: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +72,12 @@ class SamplingParams:
     @property
     def torch_confidence_dtype(self) -> torch.dtype | None:
         return CONFIDENCE_DTYPES[self.confidence_dtype]
+
+    @property
+    def apd_fields(self) -> dict[str, object]:
+        """The APD fields that are set."""
+        fields = ("apd_mixture_weight", "apd_kv_window", "apd_max_lookahead")
+        return {name: getattr(self, name) for name in fields if getattr(self, name) is not None}
 
     @property
     def top_k_enabled(self) -> bool:
@@ -100,6 +113,9 @@ def _validate(p: SamplingParams) -> None:
     _check_number("factor", p.factor, "a number > 0", lambda v: v > 0, optional=True)
     if p.cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {list(CACHE_MODES)}, got {p.cache!r}")
+    _check_number("apd_mixture_weight", p.apd_mixture_weight, "in [0, 1]", lambda v: 0 <= v <= 1, optional=True)
+    _check_int("apd_kv_window", p.apd_kv_window, minimum=1, optional=True)
+    _check_int("apd_max_lookahead", p.apd_max_lookahead, minimum=1, optional=True)
     if p.threshold is not None and p.factor is not None:
         raise ValueError("threshold and factor are two rules for the same choice; set one of them")
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+from vdiff.kv_cache import Window
+
 if TYPE_CHECKING:
     from vdiff.request import Request
     from vdiff.runner import StepBatch
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 class DecodingStrategy(ABC):
     name: ClassVar[str]  # the SamplingParams.algorithm value that selects it
+    needs_verifier: ClassVar[bool] = False  # True: the engine must hold an autoregressive verifier
 
     @abstractmethod
     def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
@@ -35,9 +38,17 @@ class DecodingStrategy(ABC):
     def start(self, request: Request) -> None:
         """Set the schedule of a newly admitted request."""
 
-    def window(self, request: Request) -> tuple[int, int]:
-        """Canvas positions [start, end) that the next forward must score for this request."""
-        return 0, request.canvas_len
+    def window(self, request: Request) -> Window:
+        """The canvas positions the next forward feeds for this request and the keys they attend to."""
+        return Window(0, request.canvas_len, request.canvas_len)
+
+    def keeps_cache(self, params: SamplingParams) -> bool:
+        """Whether a request's keys and values outlive a step (a window then reads them)."""
+        return params.cache != "none"
+
+    def feeds_windows(self, params: SamplingParams) -> bool:
+        """Whether a request's forwards may feed less than its canvas (which needs a native model)."""
+        return self.keeps_cache(params)
 
     @abstractmethod
     def step(self, batch: StepBatch, rows: list[int]) -> None:
@@ -62,3 +73,8 @@ def get_strategy(name: str) -> DecodingStrategy:
 
 def algorithm_names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def refuse_apd_fields(params: SamplingParams, algorithm: str) -> None:
+    if params.apd_fields:
+        raise ValueError(f"{', '.join(params.apd_fields)} applies to algorithm 'apd', not to {algorithm!r}")

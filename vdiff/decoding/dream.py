@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vdiff.decoding.base import DecodingStrategy, register
+from vdiff.decoding.base import DecodingStrategy, refuse_apd_fields, register
 from vdiff.decoding.ops import (
     Candidates,
     commit,
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 class DreamSampler(DecodingStrategy):
     def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
+        refuse_apd_fields(params, self.name)
         if params.block_length is not None:
             raise ValueError(f"block_length applies to LLaDA's algorithms; {self.name!r} decodes the whole canvas")
         blockwise = {"confidence_eos_eot_inf": params.confidence_eos_eot_inf, "threshold": params.threshold,

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from vdiff.decoding.base import DecodingStrategy, register
+from vdiff.decoding.base import DecodingStrategy, refuse_apd_fields, register
 from vdiff.decoding.ops import (
     Candidates,
     commit,
@@ -40,6 +40,7 @@ from vdiff.decoding.ops import (
     top_p_filter,
     transfer_counts,
 )
+from vdiff.kv_cache import Window
 
 if TYPE_CHECKING:
     from vdiff.request import Request
@@ -51,6 +52,7 @@ DEFAULT_BLOCK_LENGTH = 32  # LLaDA's chat.py and README; semi-AR blocks curb the
 
 class LLaDASampler(DecodingStrategy):
     def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
+        refuse_apd_fields(params, self.name)
         for name in ("eps", "alg_temp"):
             if getattr(params, name) is not None:
                 raise ValueError(f"{name} applies to Dream's algorithms, not to {self.name!r}")
@@ -82,14 +84,14 @@ class LLaDASampler(DecodingStrategy):
         request.block = 0
         self._start_block(request)
 
-    def window(self, request: Request) -> tuple[int, int]:
-        mode = request.params.cache
+    def window(self, request: Request) -> Window:
+        mode, length = request.params.cache, request.canvas_len
         if mode == "none" or request.step == 0:  # no cache, or the refresh at the block start
-            return 0, request.canvas_len
+            return Window(0, length, length)
         block = request.params.block_length
         assert block is not None
         block_start = request.window_end - block
-        return (block_start, request.canvas_len) if mode == "prefix" else (block_start, request.window_end)
+        return Window(block_start, length if mode == "prefix" else request.window_end, length)
 
     def step(self, batch: StepBatch, rows: list[int]) -> None:
         for group in _by_confidence_dtype(batch, rows):

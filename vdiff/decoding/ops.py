@@ -60,6 +60,18 @@ def masked_candidates(input_ids: Tensor, rows: list[int], requests: list[Request
     return Candidates(requests, rows, batch_rows, group_rows, cols, counts)
 
 
+def span_candidates(
+    input_ids: Tensor, rows: list[int], requests: list[Request], spans: list[tuple[int, int]]
+) -> Candidates:
+    """The canvas positions [start, end) of each request (APD's lookahead: all masked, by construction)."""
+    device = input_ids.device
+    counts = [end - start for start, end in spans]
+    cols = torch.cat([torch.arange(start, end, device=device) for start, end in spans])
+    group_rows = torch.repeat_interleave(torch.arange(len(rows), device=device), torch.tensor(counts, device=device))
+    batch_rows = torch.tensor(rows, device=device)[group_rows]
+    return Candidates(requests, rows, batch_rows, group_rows, cols, counts)
+
+
 def transfer_counts(masked: int, steps: int) -> list[int]:
     """LLaDA's linear schedule: `masked // steps` per step, the remainder to the earliest steps."""
     base, remainder = divmod(masked, steps)

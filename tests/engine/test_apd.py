@@ -1,0 +1,214 @@
+"""Adaptive Parallel Decoding inside continuous batching.
+
+Tokens and rounds equal a batch-1 loop of APD's published `apd_sample` (tests/apd_oracle.py), on
+random tiny models of both families with a random tiny verifier and on the trained demo model
+with its trained verifier; R = 1 accepts whole lookaheads; requests at different cursors and with
+different strategies share batches; caches go with their requests.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from apd_oracle import apd_reference
+
+from vdiff import LLM, SamplingParams
+from vdiff.models import ModelLoadError
+from vdiff.training.demo_task import held_out_set
+
+PROMPT = [17, 42, 99, 7, 256, 31, 5]
+
+
+def write_verifier(model_dir: Path, out: Path) -> Path:
+    """A random 2-layer transformers Llama that reads the model's tokenizer (its vocabulary only, so
+    the diffusion model's wider logit rows are cut, as APD cuts Dream's to Qwen2.5's)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def apd_llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LLM:
+    model_dir = request.getfixturevalue(f"tiny_{request.param}")
+    verifier = write_verifier(model_dir, tmp_path_factory.mktemp(f"verifier-{request.param}"))
+    return LLM(model=model_dir, verifier=str(verifier), dtype="float32", max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def demo_llm() -> LLM:
+    return LLM(model="vdiff-demo", verifier="vdiff-demo-ar", dtype="float32", max_num_seqs=16)
+
+
+def reference(llm: LLM, prompt: list[int], gen_length: int, stop_ids: set[int], **apd: Any) -> tuple[list[int], int]:
+    return apd_reference(
+        llm.model, llm.engine.verifier.model, prompt, gen_length=gen_length,
+        mask_id=llm.tokenizer.special.mask, stop_ids=stop_ids, **apd,
+    )  # fmt: skip
+
+
+CASES = [
+    {"mixture_weight": 0.7},
+    {"mixture_weight": 0.5, "kv_window": 4, "max_lookahead": 6},
+    {"mixture_weight": 0.9, "max_lookahead": 5},
+    {"mixture_weight": 0.7, "kv_window": 2},
+    {"mixture_weight": 0.0, "kv_window": 8, "max_lookahead": 8},  # the verifier alone judges
+]
+
+
+def apd_params(case: dict[str, Any], **more: Any) -> SamplingParams:
+    fields = {f"apd_{k}": v for k, v in case.items()}
+    return SamplingParams(algorithm="apd", **{"temperature": 0.0, **fields, **more})
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_apd_matches_the_published_loop_on_tiny_models(apd_llm: LLM, case: dict[str, Any]) -> None:
+    expected, rounds = reference(apd_llm, PROMPT, 24, set(), **case)
+    out = apd_llm.generate([PROMPT], apd_params(case, max_tokens=24, ignore_eos=True))[0]
+    assert (out.token_ids, out.nfe) == (expected, rounds)
+    assert rounds < 24 or case["mixture_weight"] < 0.7  # some round accepted more than one token
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=["plain", "window-lookahead", "window"])
+def test_apd_matches_the_published_loop_on_the_demo_models(demo_llm: LLM, case: dict[str, Any]) -> None:
+    stop_ids = set(demo_llm.tokenizer.special.stop_ids)
+    rounds_total = tokens_total = 0
+    for problem in held_out_set(2):
+        prompt = demo_llm.tokenizer.encode(
+            demo_llm.tokenizer.apply_chat_template([{"role": "user", "content": problem.question}])
+        )
+        expected, rounds = reference(demo_llm, prompt, 40, stop_ids, **case)
+        out = demo_llm.generate([prompt], apd_params(case, max_tokens=40))[0]
+        assert (out.token_ids, out.nfe) == (expected, rounds), problem.question
+        rounds_total, tokens_total = rounds_total + rounds, tokens_total + len(expected)
+    assert tokens_total >= 2 * rounds_total  # the trained pair accepts several tokens a round
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("lookahead", [None, 4, 5])
+def test_mixture_weight_one_accepts_every_lookahead(apd_llm: LLM, temperature: float, lookahead: int | None) -> None:
+    """R = 1: the mixture is the draft model's own choice, so every round commits its whole window."""
+    params = apd_params({"mixture_weight": 1.0, "max_lookahead": lookahead, "kv_window": 3}, max_tokens=24)
+    out = apd_llm.generate([PROMPT], params.replace(ignore_eos=True, temperature=temperature, seed=5))[0]
+    assert len(out.token_ids) == 24
+    assert out.nfe == (1 if lookahead is None else math.ceil(24 / lookahead))
+
+
+def test_apd_streams_several_tokens_a_step(apd_llm: LLM) -> None:
+    engine = apd_llm.engine
+    engine.add_request(PROMPT, apd_params({"mixture_weight": 1.0, "max_lookahead": 6}, max_tokens=24, ignore_eos=True))
+    deltas = []
+    while engine.has_unfinished():
+        deltas += [len(o.new_token_ids) for o in engine.step()]
+    assert deltas == [6, 6, 6, 6]
+
+
+def mixed_batch() -> list[tuple[list[int], SamplingParams]]:
+    """APD at different settings and temperatures beside the schedule, threshold, cache and CFG."""
+    settings = [
+        apd_params({"mixture_weight": 0.7}),
+        SamplingParams(algorithm="low_confidence", steps=24, block_length=8, cache="dual"),
+        apd_params({"mixture_weight": 0.5, "kv_window": 4, "max_lookahead": 6}),
+        SamplingParams(algorithm="low_confidence", steps=24, block_length=8, cfg_scale=1.0),
+        apd_params({"mixture_weight": 0.8, "max_lookahead": 5}, temperature=0.7, top_p=0.9, seed=3),
+        SamplingParams(algorithm="low_confidence", threshold=0.03, block_length=8),
+        apd_params({"mixture_weight": 0.9, "kv_window": 2}, temperature=1.0, seed=4),
+    ]
+    out = []
+    for i, params in enumerate(settings):
+        prompt = [(11 * i + j) % 300 + 1 for j in range(2 + 4 * i)]
+        out.append((prompt, params.replace(max_tokens=24, ignore_eos=True, temperature=params.temperature or 0.0)))
+    return out
+
+
+def test_every_request_of_a_mixed_batch_equals_itself_alone(apd_llm: LLM) -> None:
+    requests = mixed_batch()
+    together = apd_llm.generate([p for p, _ in requests], [s for _, s in requests])
+    for (prompt, params), output in zip(requests, together, strict=True):
+        alone = apd_llm.generate([prompt], params)[0]
+        assert (output.token_ids, output.nfe) == (alone.token_ids, alone.nfe), params
+
+
+def remember_caches(running: list[Any], held: list[weakref.ref[Any]]) -> None:
+    for request in running:
+        for state in (request.kv, request.verifier and request.verifier.cache):
+            if state is not None and all(ref() is not state for ref in held):
+                held.append(weakref.ref(state))
+
+
+def test_finish_and_abort_free_the_verifier_and_diffusion_caches(apd_llm: LLM) -> None:
+    engine = apd_llm.engine
+    held: list[weakref.ref[Any]] = []
+    params = apd_params({"mixture_weight": 0.7, "kv_window": 4, "max_lookahead": 6}, max_tokens=16, ignore_eos=True)
+    for i in range(200):
+        engine.add_request([5 + i % 50, 9, 13], params, request_id=f"apd{i}")
+    aborted = 0
+    while engine.has_unfinished():
+        engine.step()
+        remember_caches(engine.scheduler.running, held)
+        if aborted < 20 and engine.scheduler.running:  # abort some mid-answer, caches held
+            assert engine.abort(engine.scheduler.running[-1].request_id)
+            aborted += 1
+    gc.collect()
+    assert len(held) >= 2 * 180 and aborted == 20
+    assert [ref for ref in held if ref() is not None] == []
+    assert not engine._requests
+
+
+def test_apd_needs_a_verifier(tiny_llada: Path) -> None:
+    llm = LLM(model=tiny_llada)
+    with pytest.raises(ValueError, match="algorithm 'apd' needs an autoregressive verifier: start the engine with"):
+        llm.generate([PROMPT], SamplingParams(algorithm="apd"))
+    assert not llm.engine.has_unfinished()
+
+
+def test_a_verifier_with_another_vocabulary_is_refused(tiny_llada: Path) -> None:
+    with pytest.raises(ModelLoadError, match="verifier 'vdiff-demo-ar' does not share the model's tokenizer: token"):
+        LLM(model=tiny_llada, verifier="vdiff-demo-ar")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"algorithm": "apd", "steps": 8}, "steps does not apply to algorithm 'apd'"),
+        (
+            {"algorithm": "apd", "cache": "dual"},
+            "cache does not apply to algorithm 'apd', .*its cache is apd_kv_window",
+        ),
+        ({"algorithm": "apd", "block_length": 8}, "block_length does not apply to algorithm 'apd'"),
+        ({"algorithm": "apd", "threshold": 0.9}, "threshold does not apply to algorithm 'apd'"),
+        ({"algorithm": "low_confidence", "apd_kv_window": 4}, "apd_kv_window applies to algorithm 'apd', not"),
+        ({"algorithm": "entropy", "apd_mixture_weight": 0.5}, "apd_mixture_weight applies to algorithm 'apd'"),
+    ],
+)
+def test_fields_apd_cannot_honour_are_refused(apd_llm: LLM, fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        apd_llm.generate([PROMPT], SamplingParams(**fields))
+    assert not apd_llm.engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("apd_mixture_weight", 1.5, "apd_mixture_weight must be a finite number in \\[0, 1\\], got 1.5"),
+        ("apd_mixture_weight", float("nan"), "apd_mixture_weight must be a finite number"),
+        ("apd_kv_window", 0, "apd_kv_window must be an integer >= 1, got 0"),
+        ("apd_max_lookahead", 2.5, "apd_max_lookahead must be an integer >= 1, got 2.5"),
+    ],
+)
+def test_invalid_apd_fields_name_themselves(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**{field: value})

@@ -1,0 +1,163 @@
+"""Adaptive Parallel Decoding (APD; Israel, Van den Broeck, Grover, arXiv 2506.00413;
+danielmisrael/apd dream/generation_utils.py `apd_sample`), for both model families.
+
+A request decodes left to right from a cursor, the first masked position. Each round:
+1. the diffusion model scores the window [left, right): right = cursor + M (the lookahead; the
+   masks after it are not in its input at all, and nothing attends to them), left = 0 without a
+   KV window W, else W - 1 positions before the previous cursor, the earlier positions read from
+   the request's cache (stale since they were last fed, as in APD's code);
+2. it drafts every masked position of the window from its marginals at once;
+3. the verifier scores the drafts left to right (vdiff/verifier.py), and the mixture
+   R * diffusion logits + (1 - R) * verifier logits (the diffusion logits cut to the verifier's
+   vocabulary) judges them: the round accepts the longest prefix of drafts that equal the
+   mixture's choice, and always the first draft.
+A batch holds requests at different cursors, and every request accepts its own number of tokens.
+
+Temperature. At 0 a draft is the diffusion model's argmax and the mixture's choice is its argmax:
+exactly APD's code. Above 0 both are drawn with the same Gumbel noise per position and token (the
+paper's Algorithm 1 coupling): draft = argmax(filtered diffusion logits + T * g), choice =
+argmax(mixture + T * g), i.e. each is a temperature-T sample of its own distribution, and the two
+agree wherever the mixture leaves the draft's winner in place. (APD's code divides the logits by
+T and also raises the noise to T, and judges against the noiseless mixture argmax.) top_p and
+top_k filter the drafts. With R = 1 the mixture is the diffusion model itself, so every round
+accepts its whole lookahead at any temperature.
+
+Drafts are never the mask id (a committed mask could not be told from a masked position) and
+come from the vocabulary both models share (the rows past it are padding the verifier cannot read).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from vdiff.decoding.base import DecodingStrategy, register
+from vdiff.decoding.ops import commit, span_candidates, top_k_filter, top_p_filter
+from vdiff.kv_cache import Window
+from vdiff.verifier import Verifier, VerifierState
+
+if TYPE_CHECKING:
+    from vdiff.request import Request
+    from vdiff.runner import StepBatch
+    from vdiff.sampling_params import SamplingDefaults, SamplingParams
+
+DEFAULT_MIXTURE_WEIGHT = 0.7  # the APD README's demo setting (R = 0.7, W = 16, M = 100)
+
+
+@register
+class AdaptiveParallelDecoding(DecodingStrategy):
+    name = "apd"
+    needs_verifier = True
+
+    def resolve(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
+        foreign = {
+            "steps": params.steps is not None,
+            "block_length": params.block_length is not None,
+            "threshold": params.threshold is not None,
+            "factor": params.factor is not None,
+            "cache": params.cache != "none",
+            "cfg_scale": params.cfg_scale > 0,
+            "eps": params.eps is not None,
+            "alg_temp": params.alg_temp is not None,
+            "logits_eos_inf": params.logits_eos_inf,
+            "confidence_eos_eot_inf": params.confidence_eos_eot_inf,
+            "confidence_dtype": params.confidence_dtype != "auto",
+        }
+        for name, used in foreign.items():
+            if used:
+                hint = "; its cache is apd_kv_window" if name == "cache" else ""
+                raise ValueError(f"{name} does not apply to algorithm 'apd', which decodes left to right{hint}")
+        weight = params.apd_mixture_weight
+        return params.replace(apd_mixture_weight=DEFAULT_MIXTURE_WEIGHT if weight is None else weight)
+
+    def gen_length(self, params: SamplingParams) -> int:
+        assert params.max_tokens is not None
+        return params.max_tokens
+
+    def start(self, request: Request) -> None:
+        request.cursor = request.prompt_len
+        request.accepted = 0
+        request.verifier = VerifierState()
+
+    def window(self, request: Request) -> Window:
+        length, right = request.canvas_len, _lookahead_end(request)
+        kv_window = request.params.apd_kv_window
+        if kv_window is None or request.kv is None:
+            return Window(0, right, length, right)
+        # W - 1 positions before the previous cursor, so the tokens accepted since are fed fresh
+        left = max(request.cursor - kv_window - request.accepted + 1, 0)
+        return Window(left, right, length, right)
+
+    def keeps_cache(self, params: SamplingParams) -> bool:
+        return params.apd_kv_window is not None
+
+    def feeds_windows(self, params: SamplingParams) -> bool:
+        return params.apd_kv_window is not None or params.apd_max_lookahead is not None
+
+    def step(self, batch: StepBatch, rows: list[int]) -> None:
+        requests = [batch.requests[r] for r in rows]
+        assert batch.verifier is not None, "the engine refuses APD requests without a verifier"
+        spans = [(r.cursor, _lookahead_end(r)) for r in requests]
+        candidates = span_candidates(batch.input_ids, rows, requests, spans)
+        logits = batch.logits_at(candidates)  # (N, V)
+        drafts, picks = [], []
+        for _, request, seg in candidates.segments():
+            draft, accepted = _round(batch.verifier, request, logits[seg])
+            drafts.append(draft)
+            picks.append(candidates.cols[seg][:accepted])
+        commit(batch.input_ids, candidates, torch.cat(drafts), picks)
+        for request, pick in zip(requests, picks, strict=True):
+            request.accepted = len(pick)
+            request.cursor += request.accepted
+            request.step += 1
+            request.schedule_done = request.cursor == request.canvas_len
+
+
+def _lookahead_end(request: Request) -> int:
+    lookahead = request.params.apd_max_lookahead
+    return request.canvas_len if lookahead is None else min(request.cursor + lookahead, request.canvas_len)
+
+
+def _round(verifier: Verifier, request: Request, logits: Tensor) -> tuple[Tensor, int]:
+    """Draft the request's lookahead from its (n, V) logits, verify; the drafts and how many are accepted."""
+    params = request.params
+    logits = logits.float()
+    never = torch.finfo(torch.float32).min  # finite: R = 0 must not make 0 * inf
+    logits[:, request.mask_id] = never
+    logits[:, verifier.vocab_size :] = never  # rows past the shared vocabulary (padding) the verifier cannot read
+    noise = _gumbel(logits.shape, request) if params.temperature else None
+    draft = _draw(_filtered(logits, params), noise, params.temperature)
+    assert request.verifier is not None
+    verified = verifier.score(request.verifier, request.canvas, draft, request.cursor).float()  # (n, V')
+    width = min(logits.shape[-1], verified.shape[-1])
+    weight = params.apd_mixture_weight
+    assert weight is not None
+    mixture = weight * logits[:, :width] + (1 - weight) * verified[:, :width]
+    choice = _draw(mixture, None if noise is None else noise[:, :width], params.temperature)
+    agree = draft == choice
+    agree[0] = True  # every round commits at least one token
+    accepted = int(agree.long().cumprod(0).sum())
+    verifier.accept(request.verifier, request.cursor, accepted)
+    return draft, accepted
+
+
+def _gumbel(shape: torch.Size, request: Request) -> Tensor:
+    """(n, V) standard Gumbel noise in float64 from the request's generator."""
+    uniform = torch.rand(shape, dtype=torch.float64, device=request.canvas.device, generator=request.generator)
+    return -torch.log(-torch.log(uniform))
+
+
+def _draw(logits: Tensor, noise: Tensor | None, temperature: float | None) -> Tensor:
+    if noise is None or not temperature:
+        return logits.argmax(dim=-1)
+    return (logits.double() + temperature * noise).argmax(dim=-1)
+
+
+def _filtered(logits: Tensor, params: SamplingParams) -> Tensor:
+    if params.top_p < 1:
+        logits = top_p_filter(logits, params.top_p)
+    if params.top_k_enabled:
+        logits = top_k_filter(logits, params.top_k)
+    return logits
