@@ -25,6 +25,23 @@ def write_tiny(out: Path, arch: str, *extra: str) -> Path:
     return make_tiny_model(parse_args(["--arch", arch, "--out", str(out), *extra]))
 
 
+def write_verifier(model_dir: Path, out: Path) -> Path:
+    """A random 2-layer transformers Llama that reads the model's tokenizer: an APD verifier. Its
+    logits cover the tokenizer's vocabulary only, so the diffusion model's wider logit rows are cut,
+    as APD cuts Dream's to Qwen2.5's."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def copy_model(source: Path, tmp_path: Path) -> Path:
     """A private copy of a session checkpoint, for tests that damage or edit it."""
     return Path(shutil.copytree(source, tmp_path / "model"))
@@ -54,8 +71,13 @@ def tiny_model_dir(request: pytest.FixtureRequest, tiny_llada: Path, tiny_dream:
 
 
 @pytest.fixture(scope="session")
-def llada_llm(tiny_llada: Path) -> LLM:
-    return LLM(model=tiny_llada, max_num_seqs=8)
+def tiny_llada_verifier(tiny_llada: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_verifier(tiny_llada, tmp_path_factory.mktemp("tiny-llada-verifier"))
+
+
+@pytest.fixture(scope="session")
+def llada_llm(tiny_llada: Path, tiny_llada_verifier: Path) -> LLM:
+    return LLM(model=tiny_llada, max_num_seqs=8, verifier=str(tiny_llada_verifier))
 
 
 @pytest.fixture(scope="session")
@@ -78,11 +100,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def triton_server(tiny_llada: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real tritonserver serving the model repository with the tiny LLaDA checkpoint."""
+def triton_server(
+    tiny_llada: Path, tiny_llada_verifier: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """A real tritonserver serving the model repository with the tiny LLaDA checkpoint and a verifier."""
     process = start_server(
         tiny_llada,
         tmp_path_factory.mktemp("triton"),
+        verifier=str(tiny_llada_verifier),
         max_num_seqs=str(MAX_NUM_SEQS),
         max_queue_size=str(MAX_QUEUE_SIZE),
     )

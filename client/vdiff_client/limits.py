@@ -96,10 +96,12 @@ def check_limits(request: SamplingFields, max_tokens: int | None, limits: Reques
 
 def check_input_ranges(request: SamplingFields, max_model_len: int) -> None:
     """Values an INT32 input would wrap and an FP32 one would turn into inf, refused before they travel."""
-    for name in ("steps", "block_length"):
+    for name in ("steps", "block_length", "apd_kv_window", "apd_max_lookahead"):
         value = getattr(request, name)
         if value is not None and value < 1:
             raise bad_request(f"{name} must be at least 1, got {value}.", name)
+        if value is not None and value > INT32_MAX:
+            raise bad_request(f"{name} must be at most {INT32_MAX}, got {value}.", name)
     if request.block_length is not None and request.block_length > max_model_len:  # no such block fits anyway
         raise bad_request(
             f"block_length must be at most the context length ({max_model_len}), got {request.block_length}.",
@@ -107,7 +109,7 @@ def check_input_ranges(request: SamplingFields, max_model_len: int) -> None:
         )
     if request.top_k is not None and request.top_k > INT32_MAX:
         raise bad_request(f"top_k must be at most {INT32_MAX}, got {request.top_k}.", "top_k")
-    for name in ("cfg_scale", "alg_temp", "threshold", "factor"):
+    for name in ("cfg_scale", "alg_temp", "threshold", "factor", "apd_mixture_weight"):
         value = getattr(request, name)
         if value is not None and abs(value) > FLOAT32_MAX:
             raise bad_request(f"{name} must be at most {FLOAT32_MAX:.4g} in size, got {value}.", name)

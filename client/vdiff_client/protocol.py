@@ -62,6 +62,9 @@ class DiffusionFields(RequestBody):
     threshold: float | None = None  # Fast-dLLM's parallel decoding: commit what reaches this confidence
     factor: float | None = None  # or its factor rule
     cache: str | None = None  # Fast-dLLM's approximate KV cache: none, prefix or dual
+    apd_mixture_weight: float | None = None  # APD (algorithm "apd"): R, W and M, the APD code's flags
+    apd_kv_window: int | None = None
+    apd_max_lookahead: int | None = None
 
 
 class SamplingFields(DiffusionFields):

@@ -95,6 +95,9 @@ def check_sampling(request: SamplingFields, max_tokens: int | None, defaults: di
         raise bad_request(f"factor must be a finite number > 0, got {request.factor}.", "factor")
     if request.threshold is not None and request.factor is not None:
         raise bad_request("threshold and factor are two rules for the same choice; set one of them.", "factor")
+    weight = request.apd_mixture_weight
+    if weight is not None and not (math.isfinite(weight) and 0 <= weight <= 1):
+        raise bad_request(f"apd_mixture_weight must be in [0, 1], got {weight}.", "apd_mixture_weight")
 
 
 def _temperature(request: SamplingFields, defaults: dict[str, Any]) -> float:
@@ -127,8 +130,10 @@ def ensemble_values(
     values: dict[str, Any] = {"input_ids": prompt_ids, "stream": True, "exclude_input_in_output": True}
     if config.sends_defaults():
         values |= config.sampling_defaults
-        if request.threshold is not None or request.factor is not None:
+        if request.threshold is not None or request.factor is not None or request.algorithm == "apd":
             values.pop("steps", None)  # a fixed schedule's step count does not apply to the parallel rules
+        if request.algorithm == "apd":
+            values.pop("block_length", None)  # nor blocks to APD's left-to-right rounds
     chosen = {
         "max_tokens": max_tokens,
         "temperature": request.temperature,
@@ -142,6 +147,9 @@ def ensemble_values(
         "threshold": request.threshold,
         "factor": request.factor,
         "cache": request.cache,
+        "apd_mixture_weight": request.apd_mixture_weight,
+        "apd_kv_window": request.apd_kv_window,
+        "apd_max_lookahead": request.apd_max_lookahead,
     }
     values |= {name: value for name, value in chosen.items() if value is not None}
     if request.seed is not None:

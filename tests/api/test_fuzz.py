@@ -39,7 +39,7 @@ NUMBERS = st.one_of(EXTREME_INTS, EXTREME_FLOATS, st.integers(-2, 2))
 HOSTILE = st.one_of(NUMBERS, NUMBERS, JSON_VALUES)
 NUMERIC_FIELDS = ["max_tokens", "max_completion_tokens", "n", "top_k", "seed", "steps", "block_length",
                   "temperature", "top_p", "cfg_scale", "alg_temp", "threshold", "factor", "best_of", "logprobs",
-                  "priority"]  # fmt: skip
+                  "priority", "apd_mixture_weight", "apd_kv_window", "apd_max_lookahead"]  # fmt: skip
 TEXT = st.text(max_size=24)
 IDS = st.lists(st.integers(0, 389), min_size=1, max_size=8)  # the tiny vocabulary has 390 ids
 PROMPTS = st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=2), IDS, st.lists(IDS, min_size=1, max_size=2))
@@ -58,11 +58,14 @@ SAMPLING = {
     "ignore_eos": st.booleans(),
     "steps": st.integers(1, 8),
     "block_length": st.sampled_from([4, 8]),
-    "algorithm": st.sampled_from(["low_confidence", "random"]),
+    "algorithm": st.sampled_from(["low_confidence", "random", "apd"]),
     "cfg_scale": st.floats(0, 2),
     "threshold": st.floats(0.01, 1),
     "factor": st.floats(0.1, 10),
     "cache": st.sampled_from(["none", "prefix", "dual"]),
+    "apd_mixture_weight": st.floats(0, 1),
+    "apd_kv_window": st.integers(1, 8),
+    "apd_max_lookahead": st.integers(1, 8),
     "user": TEXT,
 }
 COMPLETION = SAMPLING | {"prompt": PROMPTS, "echo": st.booleans(), "suffix": st.none()}

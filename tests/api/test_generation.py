@@ -45,6 +45,24 @@ def test_parallel_decoding_fields_reach_the_engine(client: openai.OpenAI, llada_
     assert caught.value.body["param"] == "threshold" and "threshold must be in (0, 1]" in caught.value.message
 
 
+def test_apd_fields_reach_the_engine(client: openai.OpenAI, llada_llm: LLM) -> None:
+    messages = [{"role": "user", "content": "Hello there"}]
+    for setting in (
+        {"apd_mixture_weight": 0.9},
+        {"apd_mixture_weight": 0.5, "apd_kv_window": 4, "apd_max_lookahead": 6},
+    ):
+        fields = {"algorithm": "apd", "ignore_eos": True, **setting}
+        result = client.chat.completions.create(model=SERVED[0], messages=messages, max_tokens=16, extra_body=fields)
+        expected = llada_llm.chat([messages], SamplingParams(max_tokens=16, temperature=0.0, **fields))[0]
+        assert result.choices[0].message.content == expected.outputs[0].text
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=SERVED[0], prompt="hi", max_tokens=4, extra_body={"apd_mixture_weight": 2.0})
+    assert caught.value.body["param"] == "apd_mixture_weight" and "must be in [0, 1], got 2.0" in caught.value.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=SERVED[0], prompt="hi", max_tokens=4, extra_body={"apd_kv_window": 2**40})
+    assert caught.value.body["param"] == "apd_kv_window" and "must be at most 2147483647" in caught.value.message
+
+
 def test_every_served_name_and_no_name_are_accepted(proxy: Proxy, client: openai.OpenAI) -> None:
     alias = client.completions.create(model=SERVED[1], prompt="hi", max_tokens=2)
     assert alias.model == SERVED[0]

@@ -15,30 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from apd_oracle import apd_reference
 
+from conftest import write_verifier
 from vdiff import LLM, SamplingParams
 from vdiff.models import ModelLoadError
 from vdiff.training.demo_task import held_out_set
 
 PROMPT = [17, 42, 99, 7, 256, 31, 5]
-
-
-def write_verifier(model_dir: Path, out: Path) -> Path:
-    """A random 2-layer transformers Llama that reads the model's tokenizer (its vocabulary only, so
-    the diffusion model's wider logit rows are cut, as APD cuts Dream's to Qwen2.5's)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])

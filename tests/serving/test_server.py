@@ -51,8 +51,21 @@ def waiting(server: Server) -> float:
         {"max_tokens": 24, "block_length": 8, "factor": 2.95},
         {"max_tokens": 32, "block_length": 8, "threshold": 0.03, "cache": "dual"},
         {"max_tokens": 24, "steps": 12, "block_length": 8, "cache": "prefix"},
+        {"max_tokens": 24, "algorithm": "apd", "apd_mixture_weight": 0.9},
+        {"max_tokens": 24, "algorithm": "apd", "apd_mixture_weight": 0.5, "apd_kv_window": 4, "apd_max_lookahead": 6},
     ],
-    ids=["default", "blocks", "random-remasking", "stop-words", "threshold", "factor", "dual-cache", "prefix-cache"],
+    ids=[
+        "default",
+        "blocks",
+        "random-remasking",
+        "stop-words",
+        "threshold",
+        "factor",
+        "dual-cache",
+        "prefix-cache",
+        "apd",
+        "apd-window-lookahead",
+    ],  # fmt: skip
 )
 def test_grpc_stream_equals_offline_engine(triton_server: Server, llada_llm: LLM, params: dict[str, Any]) -> None:
     for prompt in PROMPTS:
@@ -185,6 +198,9 @@ INVALID = [
     ({"text_input": "x", "stop_words": ["ok", ""]}, "'stop_words'[1] is an empty string"),
     ({"text_input": "x", "threshold": 1.5}, "threshold must be a finite number in (0, 1]"),
     ({"text_input": "x", "threshold": 0.9, "steps": 8}, "steps does not apply with threshold or factor"),
+    ({"text_input": "x", "algorithm": "apd", "apd_mixture_weight": 1.5}, "apd_mixture_weight must be a finite number"),
+    ({"text_input": "x", "algorithm": "apd", "steps": 8}, "steps does not apply to algorithm 'apd'"),
+    ({"text_input": "x", "apd_kv_window": 0}, "apd_kv_window must be an integer >= 1, got 0"),
     ({"text_input": "x", "cache": "triple"}, "cache must be one of ['none', 'prefix', 'dual']"),
 ]
 

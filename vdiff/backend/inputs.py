@@ -46,6 +46,9 @@ OPTIONS = (
     Option("threshold", "TYPE_FP32", "threshold"),
     Option("factor", "TYPE_FP32", "factor"),
     Option("cache", "TYPE_STRING", "cache"),
+    Option("apd_mixture_weight", "TYPE_FP32", "apd_mixture_weight"),
+    Option("apd_kv_window", "TYPE_INT32", "apd_kv_window"),
+    Option("apd_max_lookahead", "TYPE_INT32", "apd_max_lookahead"),
     Option("stream", "TYPE_BOOL", None),
     Option("exclude_input_in_output", "TYPE_BOOL", None),
     # The counts are always returned; the flags exist because the Triton OpenAI frontend sends them.

@@ -22,6 +22,7 @@ _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 class BackendSettings:
     model: str = DEFAULT_MODEL  # a model directory, a Hub id, or the name of a shipped model
     tokenizer: str | None = None  # a separate tokenizer; the model's by default
+    verifier: str | None = None  # APD's autoregressive verifier (a causal LM with the same tokenizer)
     dtype: str = "auto"
     device: str = "auto"  # auto: cuda, then mps, then cpu
     trust_remote_code: bool = False
@@ -67,6 +68,7 @@ class BackendSettings:
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             seed=self.seed,
+            verifier=self.verifier,
         )
 
 

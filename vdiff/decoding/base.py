@@ -76,5 +76,6 @@ def algorithm_names() -> list[str]:
 
 
 def refuse_apd_fields(params: SamplingParams, algorithm: str) -> None:
-    if params.apd_fields:
-        raise ValueError(f"{', '.join(params.apd_fields)} applies to algorithm 'apd', not to {algorithm!r}")
+    if params.apd_fields:  # the message starts with one field's name, so that servers can name the input
+        name = next(iter(params.apd_fields))
+        raise ValueError(f"{name} applies to algorithm 'apd', not to {algorithm!r}")

@@ -46,6 +46,7 @@ def model_parameters(args: argparse.Namespace) -> dict[str, str]:
     return {
         "model": args.model,
         "tokenizer": args.tokenizer or "",
+        "verifier": args.verifier or "",
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": str(args.trust_remote_code).lower(),
@@ -68,6 +69,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--max-num-batched-tokens", type=int, default=None)
     engine.add_argument("--torch-num-threads", type=int, default=0, help="0: one per core")
     engine.add_argument("--seed", type=int, default=0)
+    engine.add_argument(
+        "--verifier", default="", help="APD's autoregressive verifier: a causal LM with the model's tokenizer"
+    )
 
 
 def add_triton_arguments(parser: argparse.ArgumentParser, host_flag: str) -> None:
