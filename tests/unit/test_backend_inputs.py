@@ -11,6 +11,7 @@ from tritonclient.grpc import model_config_pb2
 
 from vdiff.backend.inputs import LIST_OPTIONS, OPTIONS, InvalidInputError, name_inputs, parse_options, text_input
 from vdiff.backend.settings import BackendSettings
+from vdiff.serve.cli import model_parameters, openai_parser
 from vdiff.serve.repository import SOURCE, read_parameters, render_repository, set_parameters
 
 
@@ -94,8 +95,16 @@ def test_settings_parse_strings_and_treat_empty_or_placeholders_as_default() -> 
         parameters(model="", max_num_seqs="8", trust_remote_code="yes", seed="${seed}", EXECUTION_ENV_PATH="x")
     )
     assert settings.model == "vdiff-demo" and settings.max_num_seqs == 8 and settings.trust_remote_code
-    assert settings.seed == 0 and settings.max_num_batched_tokens is None
+    assert settings.seed == 0 and settings.max_num_batched_tokens is None and settings.verifier is None
     assert settings.engine_config().max_num_seqs == 8
+
+
+def test_the_verifier_flag_reaches_the_engine_config() -> None:
+    values = model_parameters(openai_parser().parse_args(["--verifier", "vdiff-demo-ar"]))
+    assert values["verifier"] == "vdiff-demo-ar"
+    settings = BackendSettings.from_model_config(parameters(**values))
+    assert settings.engine_config().verifier == "vdiff-demo-ar"
+    assert model_parameters(openai_parser().parse_args([]))["verifier"] == ""  # none: APD is refused
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,55 @@
+"""Fast decoding keeps the demo model's answers: the CI guard of the fast-decoding targets.
+
+The 60-problem held-out sample (10 per family) through one engine with the verifier loaded,
+float32: Fast-dLLM's threshold rule with and without its caches and APD must stay within
+TOLERANCE of the default decoding's mean accuracy, while taking far fewer forwards per token.
+The 300-problem figures and the speeds are in perf/results/quality_vdiff-demo.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from vdiff import LLM, SamplingParams
+from vdiff.training.demo_task import Problem, accuracy_by_family, held_out_set
+
+TOLERANCE = 1 / 60 + 1e-9  # one problem of the sample
+FAST = {
+    "threshold-0.9": {"threshold": 0.9},
+    "threshold-0.9+prefix": {"threshold": 0.9, "cache": "prefix"},
+    "threshold-0.9+dual": {"threshold": 0.9, "cache": "dual"},
+    "apd-R0.7-W4-M8": {"algorithm": "apd", "apd_mixture_weight": 0.7, "apd_kv_window": 4, "apd_max_lookahead": 8},
+}
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[Problem]:
+    return held_out_set(per_family=10)
+
+
+@pytest.fixture(scope="module")
+def llm(sample: list[Problem]) -> LLM:
+    return LLM(dtype="float32", max_num_seqs=len(sample), verifier="vdiff-demo-ar")
+
+
+def run(llm: LLM, sample: list[Problem], **params: Any) -> tuple[dict[str, float], float]:
+    """Accuracy per family (and mean) and forwards per generated token."""
+    outputs = llm.chat([[{"role": "user", "content": p.question}] for p in sample], SamplingParams(**params))
+    accuracy = accuracy_by_family(sample, [o.text for o in outputs])
+    return accuracy, sum(o.nfe for o in outputs) / sum(len(o.token_ids) for o in outputs)
+
+
+@pytest.fixture(scope="module")
+def default(llm: LLM, sample: list[Problem]) -> tuple[dict[str, float], float]:
+    return run(llm, sample)
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_fast_decoding_keeps_the_default_accuracy(
+    llm: LLM, sample: list[Problem], default: tuple[dict[str, float], float], name: str
+) -> None:
+    accuracy, nfe_per_token = run(llm, sample, **FAST[name])
+    assert accuracy["mean"] >= default[0]["mean"] - TOLERANCE, (accuracy, default[0])
+    assert nfe_per_token * 2 <= default[1], (nfe_per_token, default[1])  # at least 2x fewer forwards per token
