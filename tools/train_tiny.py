@@ -38,7 +38,10 @@ from vdiff.training.demo_task import Problem, TrainingStream, accuracy_by_family
 from vdiff.training.evaluate import ar_replies, format_accuracy, llada_replies  # noqa: E402
 from vdiff.training.sft import causal_lm_loss, llada_sft_loss, sft_batch  # noqa: E402
 
-DEFAULT_MIX = "add=3,sub=3,sort=3,reverse=1,count=1,spell=1"
+# the hard families weighted up; the diffusion model also sees more count and reverse, whose answer
+# length it must get right (the verifier stops at EOS by itself)
+LLADA_MIX = "add=3,sub=3,sort=3,reverse=2,count=2,spell=1"
+AR_MIX = "add=3,sub=3,sort=3,reverse=1,count=1,spell=1"
 # The verifier's transformers Llama names -> this repo's LLaDA names, for the warm start.
 LLAMA_TO_LLADA = {
     "model.embed_tokens": "model.transformer.wte",
@@ -266,7 +269,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu (the shipped models' budget) or cuda (recipe sweeps)")
-    p.add_argument("--steps", type=int, default=1500, help="diffusion-model optimizer steps")
+    p.add_argument("--steps", type=int, default=8000, help="diffusion-model optimizer steps")
     p.add_argument(
         "--init-from",
         default=None,
@@ -279,8 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--min-lr-ratio", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--mix", default=DEFAULT_MIX, help="family weights, e.g. add=3,sub=3 (others 1)")
-    p.add_argument("--ar-mix", default=DEFAULT_MIX)
+    p.add_argument("--mix", default=LLADA_MIX, help="family weights, e.g. add=3,sub=3 (others 1)")
+    p.add_argument("--ar-mix", default=AR_MIX)
     p.add_argument("--answer-len", type=int, default=40, help="answers padded with EOS to this many tokens")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)

@@ -4,9 +4,10 @@
 `LLM()` with no model, the checkpoint's own defaults (one token per step, low-confidence
 remasking, temperature 0), float32 so that every CPU computes the same tokens.
 
-The floors are the shipped checkpoint's own accuracy on this sample minus 5 points (one problem).
-It is an interim checkpoint: the issue's targets (98% on reverse, spell and count, 85% on add,
-sub and sort) are not reached yet. perf/results/quality_vdiff-demo.md has the 300-problem figures.
+The floors are the targets (98% on reverse, spell and count, 85% on add, sub and sort) minus 5
+points. Count is the one family below its target (94% on 300 problems, 9 of 10 here), so its
+floor is its own accuracy on this sample minus 5 points. perf/results/quality_vdiff-demo.md has
+the 300-problem figures.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from vdiff.models import ModelLoadError
 from vdiff.training.demo_task import Problem, accuracy_by_family, held_out_set
 from vdiff.training.evaluate import ar_replies
 
-MEASURED = {"add": 0.2, "sub": 0.1, "reverse": 0.6, "sort": 0.5, "count": 0.1, "spell": 1.0}
+TARGETS = {"add": 0.85, "sub": 0.85, "reverse": 0.98, "sort": 0.85, "count": 0.98, "spell": 0.98}
+MEASURED = {"add": 1.0, "sub": 1.0, "reverse": 1.0, "sort": 0.9, "count": 0.9, "spell": 1.0}  # this sample
+FLOORS = {family: min(TARGETS[family], MEASURED[family]) for family in TARGETS}
 VERIFIER_MEASURED_MEAN = 0.87
 MARGIN = 0.05
 
@@ -43,8 +46,8 @@ def test_demo_model_accuracy_per_family_under_default_decoding(sample: list[Prob
     llm = LLM(dtype="float32", max_num_seqs=len(sample))
     outputs = llm.chat([[{"role": "user", "content": p.question}] for p in sample])
     accuracy = accuracy_by_family(sample, [o.text for o in outputs])
-    below = {f: a for f, a in accuracy.items() if f in MEASURED and a < MEASURED[f] - MARGIN}
-    assert not below, f"below the shipped model's accuracy - {MARGIN:.0%}: {below} (all: {accuracy})"
+    below = {f: a for f, a in accuracy.items() if f in FLOORS and a < FLOORS[f] - MARGIN}
+    assert not below, f"below the target (or the shipped accuracy) - {MARGIN:.0%}: {below} (all: {accuracy})"
 
 
 def test_demo_tokenizer_is_one_token_per_character_and_normalises_non_ascii() -> None:
