@@ -100,6 +100,8 @@ def check_input_ranges(request: SamplingFields, max_model_len: int) -> None:
         value = getattr(request, name)
         if value is not None and value < 1:
             raise bad_request(f"{name} must be at least 1, got {value}.", name)
+    for name in ("apd_kv_window", "apd_max_lookahead"):  # steps and block_length have their own, tighter caps
+        value = getattr(request, name)
         if value is not None and value > INT32_MAX:
             raise bad_request(f"{name} must be at most {INT32_MAX}, got {value}.", name)
     if request.block_length is not None and request.block_length > max_model_len:  # no such block fits anyway
