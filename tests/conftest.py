@@ -25,7 +25,7 @@ def write_tiny(out: Path, arch: str, *extra: str) -> Path:
     return make_tiny_model(parse_args(["--arch", arch, "--out", str(out), *extra]))
 
 
-def write_verifier(model_dir: Path, out: Path) -> Path:
+def write_verifier(model_dir: Path, out: Path, max_positions: int = 512) -> Path:
     """A random 2-layer transformers Llama that reads the model's tokenizer: an APD verifier. Its
     logits cover the tokenizer's vocabulary only, so the diffusion model's wider logit rows are cut,
     as APD cuts Dream's to Qwen2.5's."""
@@ -34,7 +34,7 @@ def write_verifier(model_dir: Path, out: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)

@@ -126,11 +126,8 @@ class Engine:
         if strategy.feeds_windows(params) and not cast(DiffusionLM, self.model).supports_kv_cache:
             what = f"cache {params.cache!r}" if params.cache != "none" else "apd_kv_window and apd_max_lookahead"
             raise ValueError(f"{what} needs a native model; this one runs the checkpoint's own code")
-        if strategy.needs_verifier and self.verifier is None:
-            raise ValueError(
-                f"algorithm {params.algorithm!r} needs an autoregressive verifier: start the engine with "
-                "verifier=PATH (vdiff serve --verifier PATH)"
-            )
+        if strategy.needs_verifier:
+            self._check_verifier_fits(params.algorithm, len(prompt_ids), strategy.gen_length(params))
         gen_length = strategy.gen_length(params)
         if len(prompt_ids) + gen_length > self.max_sequence_length:
             raise ValueError(
@@ -145,6 +142,18 @@ class Engine:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else special.stop_ids)
         generator = torch.Generator(device=device).manual_seed(seed)
         return Request(request_id, prompt_ids, params, strategy, canvas, generator, stop_ids, special.mask)
+
+    def _check_verifier_fits(self, algorithm: str | None, prompt_len: int, gen_length: int) -> None:
+        if self.verifier is None:
+            raise ValueError(
+                f"algorithm {algorithm!r} needs an autoregressive verifier: start the engine with "
+                "verifier=PATH (vdiff serve --verifier PATH)"
+            )
+        if self.verifier.max_length is not None and prompt_len + gen_length > self.verifier.max_length:
+            raise ValueError(
+                f"max_tokens ({gen_length}) plus the prompt ({prompt_len} tokens) exceeds the verifier's "
+                f"max_position_embeddings ({self.verifier.max_length})"
+            )
 
     def _load_verifier(self, config: EngineConfig) -> Verifier | None:
         if config.verifier is None:

@@ -37,6 +37,8 @@ class Verifier:
         self.model = model
         self.path = path
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        positions = getattr(model.config, "max_position_embeddings", None)
+        self.max_length: int | None = None if positions is None else int(positions)
 
     @classmethod
     def load(cls, path: str, tokenizer: Tokenizer, dtype: torch.dtype, device: torch.device) -> Verifier:
@@ -53,11 +55,18 @@ class Verifier:
         return verifier
 
     def check_vocabulary(self, ours: dict[str, int], theirs: dict[str, int]) -> None:
+        """Every id below the verifier's width means the same token to both, where both define it:
+        the diffusion model's own added tokens (Dream's mask, ids 151665-6) fall on the verifier's
+        unused rows (Qwen2.5-0.5B defines 151665 of its 151936), as in APD's pairing."""
+        by_id = {index: token for token, index in ours.items()}
         for token, index in sorted(theirs.items(), key=lambda item: item[1]):
-            if index < self.vocab_size and ours.get(token) != index:
+            if index >= self.vocab_size:
+                continue
+            if ours.get(token, index) != index or by_id.get(index, token) != token:
                 raise ModelLoadError(
                     f"verifier {self.path!r} does not share the model's tokenizer: token {token!r} is id {index} "
-                    f"for the diffusion model and {ours.get(token)!r} for the verifier"
+                    f"for the diffusion model, the verifier has it as {ours.get(token)!r} and id {index} as "
+                    f"{by_id.get(index)!r}"
                 )
 
     def score(self, state: VerifierState, canvas: Tensor, drafts: Tensor, start: int) -> Tensor:
@@ -68,7 +77,7 @@ class Verifier:
         if state.cache is None:  # the first round: the prompt (and nothing else) precedes the drafts
             state.cache = DynamicCache()
             ids = torch.cat([canvas[:start], drafts])[None]  # (1, start + n)
-            logits = self.model(ids, past_key_values=state.cache, use_cache=True).logits[0, start - 1 :]
+            logits = self.model(ids, past_key_values=state.cache, use_cache=True).logits[0, start - 1 :].clone()
         else:  # the cache holds every accepted token, and the last round's logits predicted `start`
             assert state.next_logits is not None
             fresh = self.model(drafts[None], past_key_values=state.cache, use_cache=True).logits[0]  # (n, V)
@@ -85,7 +94,7 @@ class Verifier:
         """
         assert state.scored is not None
         state.cache.crop(start + accepted)
-        state.next_logits, state.scored = state.scored[accepted], None
+        state.next_logits, state.scored = state.scored[accepted].clone(), None  # not a view of the round's rows
 
 
 def _vocabulary(checkpoint: Checkpoint) -> dict[str, int]:

@@ -133,7 +133,8 @@ def ensemble_values(
         if request.threshold is not None or request.factor is not None or request.algorithm == "apd":
             values.pop("steps", None)  # a fixed schedule's step count does not apply to the parallel rules
         if request.algorithm == "apd":
-            values.pop("block_length", None)  # nor blocks to APD's left-to-right rounds
+            for name in ("block_length", "alg_temp", "cfg_scale"):  # nor blocks, Dream's or guidance's knobs
+                values.pop(name, None)
     chosen = {
         "max_tokens": max_tokens,
         "temperature": request.temperature,

@@ -81,12 +81,16 @@ def test_apd_matches_the_published_loop_on_the_demo_models(demo_llm: LLM, case: 
     assert tokens_total >= 2 * rounds_total  # the trained pair accepts several tokens a round
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0.0}, {"temperature": 0.8}, {"temperature": 1.3, "top_p": 0.9, "top_k": 20}]
+)
 @pytest.mark.parametrize("lookahead", [None, 4, 5])
-def test_mixture_weight_one_accepts_every_lookahead(apd_llm: LLM, temperature: float, lookahead: int | None) -> None:
+def test_mixture_weight_one_accepts_every_lookahead(
+    apd_llm: LLM, sampling: dict[str, Any], lookahead: int | None
+) -> None:
     """R = 1: the mixture is the draft model's own choice, so every round commits its whole window."""
     params = apd_params({"mixture_weight": 1.0, "max_lookahead": lookahead, "kv_window": 3}, max_tokens=24)
-    out = apd_llm.generate([PROMPT], params.replace(ignore_eos=True, temperature=temperature, seed=5))[0]
+    out = apd_llm.generate([PROMPT], params.replace(ignore_eos=True, seed=5, **sampling))[0]
     assert len(out.token_ids) == 24
     assert out.nfe == (1 if lookahead is None else math.ceil(24 / lookahead))
 
@@ -162,6 +166,24 @@ def test_apd_needs_a_verifier(tiny_llada: Path) -> None:
 def test_a_verifier_with_another_vocabulary_is_refused(tiny_llada: Path) -> None:
     with pytest.raises(ModelLoadError, match="verifier 'vdiff-demo-ar' does not share the model's tokenizer: token"):
         LLM(model=tiny_llada, verifier="vdiff-demo-ar")
+
+
+def test_the_models_own_added_tokens_may_fall_on_rows_the_verifier_leaves_unused(apd_llm: LLM) -> None:
+    """As Dream's mask token (151666) falls on a row Qwen2.5-0.5B's tokenizer leaves undefined."""
+    verifier = apd_llm.engine.verifier
+    verifier.check_vocabulary({"a": 0, "b": 1}, {"a": 0, "b": 1, "<|mask|>": 2})
+    with pytest.raises(ModelLoadError, match="token 'c' is id 1 for the diffusion model, the verifier has it as None"):
+        verifier.check_vocabulary({"a": 0, "b": 1}, {"a": 0, "c": 1})
+    with pytest.raises(ModelLoadError, match="token 'b' is id 2 for the diffusion model, the verifier has it as 1"):
+        verifier.check_vocabulary({"a": 0, "b": 1}, {"a": 0, "b": 2})
+
+
+def test_a_canvas_longer_than_the_verifiers_context_is_refused(tiny_llada: Path, tmp_path: Path) -> None:
+    llm = LLM(model=tiny_llada, verifier=str(write_verifier(tiny_llada, tmp_path / "short", max_positions=16)))
+    with pytest.raises(ValueError, match=r"exceeds the verifier's max_position_embeddings \(16\)"):
+        llm.generate([PROMPT], SamplingParams(algorithm="apd", max_tokens=24))
+    assert not llm.engine.has_unfinished()
+    assert len(llm.generate([PROMPT], SamplingParams(algorithm="apd", max_tokens=8))[0].token_ids) <= 8
 
 
 @pytest.mark.parametrize(

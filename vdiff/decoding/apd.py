@@ -14,13 +14,13 @@ A request decodes left to right from a cursor, the first masked position. Each r
 A batch holds requests at different cursors, and every request accepts its own number of tokens.
 
 Temperature. At 0 a draft is the diffusion model's argmax and the mixture's choice is its argmax:
-exactly APD's code. Above 0 both are drawn with the same Gumbel noise per position and token (the
-paper's Algorithm 1 coupling): draft = argmax(filtered diffusion logits + T * g), choice =
-argmax(mixture + T * g), i.e. each is a temperature-T sample of its own distribution, and the two
-agree wherever the mixture leaves the draft's winner in place. (APD's code divides the logits by
-T and also raises the noise to T, and judges against the noiseless mixture argmax.) top_p and
-top_k filter the drafts. With R = 1 the mixture is the diffusion model itself, so every round
-accepts its whole lookahead at any temperature.
+exactly APD's code. Above 0 both are drawn with the same Gumbel noise g per position and token
+(the paper's Algorithm 1 coupling): draft = argmax(filter(diffusion logits / T) + g), choice =
+argmax(filter(mixture / T) + g), with top_p and top_k as the filter, so each is a temperature-T
+sample of its own distribution, and the two agree wherever the mixture leaves the draft's winner
+in place. (APD's code divides the logits by T and also raises the noise to T, and judges against
+the noiseless mixture argmax.) With R = 1 the mixture is the diffusion model itself, so every
+round accepts its whole lookahead at any temperature and filter.
 
 Drafts are never the mask id (a committed mask could not be told from a masked position) and
 come from the vocabulary both models share (the rows past it are padding the verifier cannot read).
@@ -128,14 +128,14 @@ def _round(verifier: Verifier, request: Request, logits: Tensor) -> tuple[Tensor
     logits[:, request.mask_id] = never
     logits[:, verifier.vocab_size :] = never  # rows past the shared vocabulary (padding) the verifier cannot read
     noise = _gumbel(logits.shape, request) if params.temperature else None
-    draft = _draw(_filtered(logits, params), noise, params.temperature)
+    draft = _draw(logits, noise, params)
     assert request.verifier is not None
     verified = verifier.score(request.verifier, request.canvas, draft, request.cursor).float()  # (n, V')
     width = min(logits.shape[-1], verified.shape[-1])
     weight = params.apd_mixture_weight
     assert weight is not None
     mixture = weight * logits[:, :width] + (1 - weight) * verified[:, :width]
-    choice = _draw(mixture, None if noise is None else noise[:, :width], params.temperature)
+    choice = _draw(mixture, None if noise is None else noise[:, :width], params)
     agree = draft == choice
     agree[0] = True  # every round commits at least one token
     accepted = int(agree.long().cumprod(0).sum())
@@ -149,15 +149,13 @@ def _gumbel(shape: torch.Size, request: Request) -> Tensor:
     return -torch.log(-torch.log(uniform))
 
 
-def _draw(logits: Tensor, noise: Tensor | None, temperature: float | None) -> Tensor:
-    if noise is None or not temperature:
+def _draw(logits: Tensor, noise: Tensor | None, params: SamplingParams) -> Tensor:
+    """(n,) argmax at temperature 0; else a temperature-T, top-p/top-k sample driven by `noise`."""
+    if noise is None or not params.temperature:
         return logits.argmax(dim=-1)
-    return (logits.double() + temperature * noise).argmax(dim=-1)
-
-
-def _filtered(logits: Tensor, params: SamplingParams) -> Tensor:
+    scaled = logits / params.temperature
     if params.top_p < 1:
-        logits = top_p_filter(logits, params.top_p)
+        scaled = top_p_filter(scaled, params.top_p)
     if params.top_k_enabled:
-        logits = top_k_filter(logits, params.top_k)
-    return logits
+        scaled = top_k_filter(scaled, params.top_k)
+    return (scaled.double() + noise).argmax(dim=-1)
