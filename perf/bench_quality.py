@@ -164,14 +164,20 @@ def verifier_answerer(model_dir: Path, device: str) -> Callable[[str], tuple[str
     return answer
 
 
+def scores(problems: list[Problem], replies: list[str], nfe: int, tokens: int) -> tuple[dict[str, float], float]:
+    """Accuracy per family (and mean) and forwards per generated token, rounded for the report."""
+    accuracy = accuracy_by_family(problems, replies)
+    return {family: round(value, 4) for family, value in accuracy.items()}, round(nfe / max(tokens, 1), 3)
+
+
 def summarise(name: str, params: dict[str, Any] | None, problems: list[Problem], answers: list[Answer]) -> Row:
-    accuracy = accuracy_by_family(problems, [a.reply for a in answers])
     tokens, seconds = sum(a.tokens for a in answers), sum(a.seconds for a in answers)
+    accuracy, nfe_per_token = scores(problems, [a.reply for a in answers], sum(a.nfe for a in answers), tokens)
     return Row(
         name=name,
         params=params,
-        accuracy={family: round(value, 4) for family, value in accuracy.items()},
-        nfe_per_token=round(sum(a.nfe for a in answers) / max(tokens, 1), 3),
+        accuracy=accuracy,
+        nfe_per_token=nfe_per_token,
         tokens_per_s=round(tokens / seconds, 1),
         mean_latency_s=round(mean(a.seconds for a in answers), 4),
     )
@@ -184,12 +190,12 @@ def serve_all(llm: LLM, name: str, params: dict[str, Any], problems: list[Proble
     outputs = llm.chat(conversations, SamplingParams(**params))
     wall = time.perf_counter() - started
     tokens = sum(len(o.token_ids) for o in outputs)
-    accuracy = accuracy_by_family(problems, [o.text for o in outputs])
+    accuracy, nfe_per_token = scores(problems, [o.text for o in outputs], sum(o.nfe for o in outputs), tokens)
     return ServingRow(
         name=name,
         params=params,
-        accuracy={family: round(value, 4) for family, value in accuracy.items()},
-        nfe_per_token=round(sum(o.nfe for o in outputs) / max(tokens, 1), 3),
+        accuracy=accuracy,
+        nfe_per_token=nfe_per_token,
         tokens_per_s=round(tokens / wall, 1),
         requests_per_s=round(len(problems) / wall, 2),
     )

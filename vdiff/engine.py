@@ -126,9 +126,9 @@ class Engine:
         if strategy.feeds_windows(params) and not cast(DiffusionLM, self.model).supports_kv_cache:
             what = f"cache {params.cache!r}" if params.cache != "none" else "apd_kv_window and apd_max_lookahead"
             raise ValueError(f"{what} needs a native model; this one runs the checkpoint's own code")
-        if strategy.needs_verifier:
-            self._check_verifier_fits(params.algorithm, len(prompt_ids), strategy.gen_length(params))
         gen_length = strategy.gen_length(params)
+        if strategy.needs_verifier:
+            self._check_verifier_fits(params.algorithm, len(prompt_ids), gen_length)
         if len(prompt_ids) + gen_length > self.max_sequence_length:
             raise ValueError(
                 f"max_tokens ({params.max_tokens}, {gen_length} canvas positions) plus the prompt "

@@ -27,6 +27,7 @@ class RequestKV:
 
     keys: list[Tensor] = field(default_factory=list)
     values: list[Tensor] = field(default_factory=list)
+    reused: bool = True  # False: a one-step stand-in for a request that keeps no cache
 
     @property
     def nbytes(self) -> int:
@@ -90,8 +91,9 @@ class LayerKV:
         for row, (cache, window) in enumerate(zip(batch.caches, batch.windows, strict=True)):
             fresh_k, fresh_v = k[row, :, : window.length], v[row, :, : window.length]
             if window.is_full:  # a refresh: the fresh tensors are the cache
-                _store(cache.keys, self.index, fresh_k, window.canvas_len)
-                _store(cache.values, self.index, fresh_v, window.canvas_len)
+                room = window.canvas_len if cache.reused else None
+                _store(cache.keys, self.index, fresh_k, room)
+                _store(cache.values, self.index, fresh_v, room)
             else:
                 cache.keys[self.index][:, window.start : window.end] = fresh_k
                 cache.values[self.index][:, window.start : window.end] = fresh_v
@@ -109,12 +111,15 @@ class LayerKV:
         return out
 
 
-def _store(tensors: list[Tensor], index: int, fresh: Tensor, canvas_len: int) -> None:
-    """Keep a refresh's (K, S, D) keys or values, in room for the whole canvas (K, L, D)."""
-    if fresh.shape[1] == canvas_len:
+def _store(tensors: list[Tensor], index: int, fresh: Tensor, room: int | None) -> None:
+    """Keep a refresh's (K, S, D) keys or values, in room for the whole canvas (K, L, D); a
+    one-step cache (room None) reads the step's own tensors, with nothing copied."""
+    if room is None:
+        tensor = fresh
+    elif fresh.shape[1] == room:
         tensor = fresh.clone(memory_format=torch.contiguous_format)  # one copy, not a view of the step's k/v
     else:  # a shorter range (APD's lookahead): later windows write past its end
-        tensor = fresh.new_zeros(fresh.shape[0], canvas_len, fresh.shape[2])
+        tensor = fresh.new_zeros(fresh.shape[0], room, fresh.shape[2])
         tensor[:, : fresh.shape[1]] = fresh
     if index < len(tensors):
         tensors[index] = tensor

@@ -100,7 +100,7 @@ class ModelRunner:
         for request, canvas in zip(guided, uncond_ids, strict=True):
             length = request.canvas_len  # the unconditional canvas, without the batch's right padding
             windows.append(Window(0, length, length))
-            caches.append(RequestKV())
+            caches.append(RequestKV(reused=False))
             fed.append(canvas[0, :length])
         positions = pad_sequence(
             [torch.arange(w.start, w.end, device=self.device) for w in windows], batch_first=True
@@ -128,7 +128,7 @@ class ModelRunner:
         """The request's cache; a throwaway for a request that keeps none, which then feeds all it attends to."""
         if not request.strategy.keeps_cache(request.params):
             assert window.is_full, "a request without a cache feeds every position it attends to"
-            return RequestKV()
+            return RequestKV(reused=False)
         if request.kv is None:
             assert window.is_full, "a cache starts with a refresh over every position it attends to"
             request.kv = RequestKV()

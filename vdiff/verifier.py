@@ -1,8 +1,8 @@
 """The autoregressive verifier of Adaptive Parallel Decoding (APD, arXiv 2506.00413).
 
 Any causal LM that transformers loads serves, as long as it shares the diffusion model's tokenizer:
-the two vocabularies must give the same id to every token below the narrower logit width, where
-the mixture compares them (APD cuts Dream's 152,064 logits to Qwen2.5-0.5B's 151,936).
+below the verifier's logit width, where the mixture compares them (APD cuts Dream's 152,064 logits
+to Qwen2.5-0.5B's 151,936), an id must mean the same token to both wherever both define it.
 
 Each request keeps its own verifier cache (`VerifierState`): the keys and values of its accepted
 tokens and the verifier's logits for the first position not yet accepted. A round scores the drafts

@@ -111,7 +111,6 @@ class AdaptiveParallelDecoding(DecodingStrategy):
         for request, pick in zip(requests, picks, strict=True):
             request.accepted = len(pick)
             request.cursor += request.accepted
-            request.step += 1
             request.schedule_done = request.cursor == request.canvas_len
 
 
