@@ -2,11 +2,12 @@
 written from the published code as the ground truth for vdiff's batched APD.
 
 Two departures from the code, both shared with vdiff and both documented there: drafts are never
-the mask id nor past the verifier's vocabulary, and when a round accepts every draft the verifier
-logits carried to the next round are those for the next position (the code carries the row
-before it). For a shifted family
-(Dream), whose logits for position i come from row i - 1, a cached window starts one position
-before `left`, as vdiff's runner starts every cached window.
+the mask id nor past the verifier's vocabulary (the code can commit the mask id, then counts it as
+a mask in the next window and crashes on the size mismatch), and when a round accepts every draft
+the verifier logits carried to the next round are those for the next position (the code carries
+the row before it, which only ever scores a first draft, always accepted). A cached window is fed
+from `left`, as in the code: for a shifted family the row scoring the cursor, cursor - 1, is
+always inside it.
 """
 
 from __future__ import annotations
@@ -67,15 +68,15 @@ def apd_reference(
     while curr < length:
         right = length if max_lookahead is None else min(curr + max_lookahead, length)
         left = 0 if kv_window is None or cache is None else max(curr - kv_window - accepted + 1, 0)
-        fed = max(left - shift, 0)
         if kv_window is None:
             out = model(x[None, :right]).logits[0]
         else:
             cache = cache or CroppedCache()
-            cache.left = fed
-            out = model(x[None, fed:right], position_ids=torch.arange(fed, right)[None], kv=cache).logits[0]
+            cache.left = left
+            out = model(x[None, left:right], position_ids=torch.arange(left, right)[None], kv=cache).logits[0]
         rounds += 1
-        mask_logits = out[curr - shift - fed : right - shift - fed].float()  # (n, V): positions curr .. right - 1
+        # (n, V): positions curr .. right - 1; a shifted family's row for curr is curr - 1 >= left
+        mask_logits = out[curr - shift - left : right - shift - left].float()
         mask_logits[:, mask_id] = torch.finfo(torch.float32).min
         mask_logits[:, verifier.get_output_embeddings().weight.shape[0] :] = torch.finfo(torch.float32).min
         x0 = mask_logits.argmax(-1)

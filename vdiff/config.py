@@ -17,6 +17,8 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # cap on (rows x longest canvas) of one forward
     seed: int = 0  # seeds the per-request RNG of requests that bring no seed
     verifier: str | None = None  # APD's autoregressive verifier: a causal LM sharing the tokenizer
+    # a request's tokens do not depend on its neighbours (vdiff/models/invariant.py), at some speed
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
@@ -25,5 +27,7 @@ class EngineConfig:
             not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1
         ):
             raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")

@@ -47,7 +47,7 @@ class Engine:
         self.vocab_size = int(checkpoint.config.get("embedding_size") or checkpoint.config["vocab_size"])
         self.max_sequence_length = cast(DiffusionLM, self.model).max_sequence_length
         self.verifier = self._load_verifier(config)
-        self.runner = ModelRunner(self.model, self.tokenizer.special, self.verifier)
+        self.runner = ModelRunner(self.model, self.tokenizer.special, self.verifier, config.batch_invariant)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # abort notices, returned by the next step()
@@ -85,7 +85,11 @@ class Engine:
             return outputs
         batch = self.runner.forward(running)
         for strategy, rows in _rows_by_strategy(running).items():
-            strategy.step(batch, rows)
+            if self.config.batch_invariant:  # each request's decisions on the shapes it has alone
+                for row in rows:
+                    strategy.step(batch, [row])
+            else:
+                strategy.step(batch, rows)
         outputs += self._report(batch)
         self.scheduler.retire_finished()
         return outputs

@@ -37,12 +37,20 @@ class RequestKV:
 @dataclass(frozen=True)
 class Window:
     """The canvas positions [start, end) a row feeds this step; its queries attend to the keys of
-    positions [0, keys), of a canvas of `canvas_len` (keys None: the whole canvas)."""
+    positions [0, keys), of a canvas of `canvas_len` (keys None: the whole canvas). `reads` is the
+    first position whose logits the strategy reads (None: start); a shifted family scores it from
+    the row before, which the runner then feeds too."""
 
     start: int
     end: int
     canvas_len: int
     keys: int | None = None
+    reads: int | None = None
+
+    def fed_from(self, shift: int) -> int:
+        """The first position to feed so that every position read has its scoring row fed."""
+        first_read = self.start if self.reads is None else self.reads
+        return max(0, min(self.start, first_read - shift))
 
     @property
     def length(self) -> int:

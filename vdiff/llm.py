@@ -32,10 +32,12 @@ class LLM:
         max_num_batched_tokens: int | None = None,
         seed: int = 0,
         verifier: str | os.PathLike[str] | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         config = EngineConfig(
             str(model), tokenizer, dtype, device, trust_remote_code, chat_template,
             max_num_seqs, max_num_batched_tokens, seed, None if verifier is None else str(verifier),
+            batch_invariant,
         )  # fmt: skip
         self.engine = Engine(config)
 

@@ -8,6 +8,10 @@ for it, in the same forward. When a request in the step keeps a KV cache or feed
 canvas (APD's lookahead), each row feeds only the window its strategy names, at its absolute
 positions, and attends to its cached canvas (vdiff/kv_cache.py); logits then cover each row's
 window, and `offsets` say where it starts.
+
+In batch-invariant mode (vdiff/models/invariant.py) every row is padded to whole tiles, the model
+gets each row's real query and key lengths so that it attends one row at a time, and row-local
+ops run on fixed tiles: a row's logits are then the bits it gets alone.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from vdiff.decoding.ops import Candidates
 from vdiff.kv_cache import BatchKV, RequestKV, Window
 from vdiff.models.base import DiffusionLM, canvas_rows
+from vdiff.models.invariant import RowTiles, padded_length
+from vdiff.models.layers import AttentionMask
 from vdiff.request import Request
 from vdiff.tokenizer import SpecialTokens
 from vdiff.verifier import Verifier
@@ -62,9 +69,16 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: nn.Module, special: SpecialTokens, verifier: Verifier | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        special: SpecialTokens,
+        verifier: Verifier | None = None,
+        batch_invariant: bool = False,
+    ) -> None:
         self.model = model
         self.verifier = verifier
+        self.batch_invariant = batch_invariant
         self.pad_id = special.pad if special.pad != special.mask else special.eos
         self.mask_id = special.mask
         self.eos_id = special.eos
@@ -81,17 +95,18 @@ class ModelRunner:
         uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
         model_ids = input_ids if not uncond_ids else torch.cat([input_ids, *uncond_ids])
         lengths += [lengths[i] for i, row in enumerate(uncond_rows) if row >= 0]
-        logits = self.model(model_ids, attention_mask=self._padding_mask(lengths)).logits
+        logits = self._run(model_ids, [(n, n) for n in lengths])
         for request in requests:
             request.nfe += 1
         return self._batch(requests, input_ids, logits, uncond_rows)
 
     def _windowed_forward(self, requests: list[Request], spans: list[Window]) -> StepBatch:
-        """Each row feeds its strategy's window (one position earlier for a shifted family, whose
-        logits for position i come from row i - 1) and attends to its cached canvas. CFG's
+        """Each row feeds its strategy's window (from one position before the first it reads for a
+        shifted family, whose logits for position i come from row i - 1, when that row is not in
+        the window already) and attends to its cached canvas. CFG's
         unconditional canvases (never cached) follow as whole-canvas rows."""
         shift = self.logits_shift
-        windows = [Window(max(0, w.start - shift), w.end, w.canvas_len, w.keys) for w in spans]
+        windows = [Window(w.fed_from(shift), w.end, w.canvas_len, w.keys) for w in spans]
         caches = [self._cache_of(r, w) for r, w in zip(requests, windows, strict=True)]
         fed = [r.canvas[w.start : w.end] for r, w in zip(requests, windows, strict=True)]
         input_ids = self._pack([r.canvas for r in requests])
@@ -106,11 +121,34 @@ class ModelRunner:
             [torch.arange(w.start, w.end, device=self.device) for w in windows], batch_first=True
         )  # (R, Q); padded queries sit at 0 and are never read
         kv = BatchKV(caches, windows, self.device)
-        logits = self.model(self._pack(fed), position_ids=positions, kv=kv).logits  # (R, Q, V)
+        lengths = [(w.length, w.key_len) for w in windows]
+        logits = self._run(self._pack(fed), lengths, positions, kv)  # (R, Q, V)
         for request in requests:
             request.nfe += 1
         offsets = torch.tensor([w.start for w in windows[: len(requests)]], device=self.device)
         return self._batch(requests, input_ids, logits, uncond_rows, offsets)
+
+    def _run(
+        self, ids: Tensor, spans: list[tuple[int, int]], positions: Tensor | None = None, kv: BatchKV | None = None
+    ) -> Tensor:
+        """(R, Q, V) logits of one forward over `ids` (R, Q); `spans`: each row's real (queries, keys)."""
+        if not self.batch_invariant:
+            mask = None if kv is not None else self._padding_mask([keys for _, keys in spans])
+            return self.model(ids, attention_mask=mask, position_ids=positions, kv=kv).logits
+        if not cast(DiffusionLM, self.model).supports_batch_invariance:
+            return self._run_row_by_row(ids, spans)
+        width = padded_length(ids.shape[1])
+        ids = F.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)
+        if positions is not None:
+            positions = F.pad(positions, (0, width - positions.shape[1]))
+        per_row = AttentionMask(sequences=tuple(spans))
+        with RowTiles():
+            return self.model(ids, attention_mask=per_row, position_ids=positions, kv=kv).logits
+
+    def _run_row_by_row(self, ids: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+        """Batch invariance for a model that runs its own code: each canvas alone, on its own length."""
+        rows = [self.model(ids[row : row + 1, :length]).logits[0] for row, (length, _) in enumerate(spans)]
+        return pad_sequence(rows, batch_first=True)  # (R, L, V)
 
     def _batch(
         self,

@@ -11,7 +11,7 @@ from tritonclient.grpc import model_config_pb2
 
 from vdiff.backend.inputs import LIST_OPTIONS, OPTIONS, InvalidInputError, name_inputs, parse_options, text_input
 from vdiff.backend.settings import BackendSettings
-from vdiff.serve.cli import model_parameters, openai_parser
+from vdiff.serve.cli import model_parameters, openai_parser, triton_parser
 from vdiff.serve.repository import SOURCE, read_parameters, render_repository, set_parameters
 
 
@@ -105,6 +105,15 @@ def test_the_verifier_flag_reaches_the_engine_config() -> None:
     settings = BackendSettings.from_model_config(parameters(**values))
     assert settings.engine_config().verifier == "vdiff-demo-ar"
     assert model_parameters(openai_parser().parse_args([]))["verifier"] == ""  # none: APD is refused
+
+
+def test_the_batch_invariant_flag_reaches_the_engine_config() -> None:
+    values = model_parameters(openai_parser().parse_args(["--batch-invariant"]))
+    assert values == model_parameters(triton_parser().parse_args(["--batch-invariant"])) | {"model": "vdiff-demo"}
+    assert values["batch_invariant"] == "true"
+    assert BackendSettings.from_model_config(parameters(**values)).engine_config().batch_invariant
+    default = model_parameters(openai_parser().parse_args([]))
+    assert not BackendSettings.from_model_config(parameters(**default)).engine_config().batch_invariant
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,7 @@ class BackendSettings:
     model: str = DEFAULT_MODEL  # a model directory, a Hub id, or the name of a shipped model
     tokenizer: str | None = None  # a separate tokenizer; the model's by default
     verifier: str | None = None  # APD's autoregressive verifier (a causal LM with the same tokenizer)
+    batch_invariant: bool = False  # a request's tokens do not depend on its neighbours
     dtype: str = "auto"
     device: str = "auto"  # auto: cuda, then mps, then cpu
     trust_remote_code: bool = False
@@ -69,6 +70,7 @@ class BackendSettings:
             max_num_batched_tokens=self.max_num_batched_tokens,
             seed=self.seed,
             verifier=self.verifier,
+            batch_invariant=self.batch_invariant,
         )
 
 

@@ -86,9 +86,10 @@ class AdaptiveParallelDecoding(DecodingStrategy):
         kv_window = request.params.apd_kv_window
         if kv_window is None or request.kv is None:
             return Window(0, right, length, right)
-        # W - 1 positions before the previous cursor, so the tokens accepted since are fed fresh
+        # W - 1 positions before the previous cursor, so the tokens accepted since are fed fresh;
+        # left < cursor, so a shifted family's scoring row for the cursor is fed already
         left = max(request.cursor - kv_window - request.accepted + 1, 0)
-        return Window(left, right, length, right)
+        return Window(left, right, length, right, reads=request.cursor)
 
     def keeps_cache(self, params: SamplingParams) -> bool:
         return params.apd_kv_window is not None

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from vdiff.kv_cache import BatchKV
+    from vdiff.models.layers import AttentionMask
 
 
 @dataclass
@@ -32,11 +33,13 @@ class DiffusionLM(Protocol):
     mask_token_id: int | None
     max_sequence_length: int
     supports_kv_cache: bool  # takes `kv` (vdiff/kv_cache.py): vdiff's native models do
+    # honours AttentionMask.sequences and RowTiles (vdiff/models/invariant.py): native models do
+    supports_batch_invariance: bool
 
     def __call__(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor | None = None,
+        attention_mask: Tensor | AttentionMask | None = None,
         position_ids: Tensor | None = None,
         kv: BatchKV | None = None,
     ) -> DiffusionLMOutput: ...
@@ -46,6 +49,7 @@ class HFStyleModel(nn.Module):
     """`device` and `dtype` as transformers models expose them (reference samplers read model.device)."""
 
     supports_kv_cache = True
+    supports_batch_invariance = True
 
     @property
     def device(self) -> torch.device:

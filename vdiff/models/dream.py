@@ -67,7 +67,11 @@ class DreamBaseModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, kv: BatchKV | None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | AttentionMask | None,
+        position_ids: Tensor | None,
+        kv: BatchKV | None,
     ) -> Tensor:
         x = self.embed_tokens(input_ids)  # (B, L, hidden)
         positions = default_positions(input_ids) if position_ids is None else position_ids
@@ -103,7 +107,7 @@ class DreamModel(HFStyleModel):
     def forward(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor | None = None,
+        attention_mask: Tensor | AttentionMask | None = None,
         position_ids: Tensor | None = None,
         kv: BatchKV | None = None,
     ) -> DiffusionLMOutput:

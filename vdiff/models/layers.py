@@ -73,14 +73,19 @@ class AttentionMask:
     `keep` (B, S) is True on real tokens when the batch is padded: only keys are masked, so
     padded query rows stay finite (LLaDA's Oct-2025 semantics). `dense` is a caller-supplied
     4D mask (bool: True attends; float: additive) passed to SDPA unchanged, as Dream's
-    reference sampler builds it.
+    reference sampler builds it. `sequences` (batch-invariant mode, vdiff/models/invariant.py)
+    gives each row's real (query, key) lengths: attention then runs one row at a time on
+    exactly those, and `keep` is not needed.
     """
 
     keep: Tensor | None = None
     dense: Tensor | None = None
+    sequences: tuple[tuple[int, int], ...] | None = None
 
     @classmethod
-    def from_hf(cls, attention_mask: Tensor | str | None) -> AttentionMask:
+    def from_hf(cls, attention_mask: Tensor | str | AttentionMask | None) -> AttentionMask:
+        if isinstance(attention_mask, AttentionMask):
+            return attention_mask
         if attention_mask is None or isinstance(attention_mask, str):  # Dream passes "full" for no mask
             return cls()
         if attention_mask.dim() == 4:
@@ -101,6 +106,10 @@ class AttentionMask:
         if self.dense is not None:
             return self.dense
         return None if self.keep is None else self.keep[:, None, None, :]  # (B, 1, 1, S)
+
+    def with_keys(self, keep: Tensor | None) -> AttentionMask:
+        """The mask for a cached forward, whose keys (and their padding) come from the caches."""
+        return self if self.sequences is not None else AttentionMask(keep=keep)
 
 
 def self_attention(
@@ -125,17 +134,30 @@ def self_attention(
     k = rotary.apply(k)
     if kv is not None:
         k, v, keep = kv.update(k, v)  # (B, K, S, D) each
-        mask = AttentionMask(keep=keep)
+        mask = mask.with_keys(keep)
     out = attend(rotary.apply(q), k, v, mask)  # (B, H, L, D)
     return out.transpose(1, 2).reshape(batch, length, -1)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
     """softmax(q k^T / sqrt(D)) v without a causal mask: flash-attn on CUDA when possible, else SDPA."""
+    if mask.sequences is not None:
+        return _attend_each(q, k, v, mask.sequences)
     if _can_use_flash(q, k, mask):
         return _flash_attend(q, k, v, mask.keep)
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.sdpa_mask(), enable_gqa=gqa)
+
+
+def _attend_each(q: Tensor, k: Tensor, v: Tensor, sequences: tuple[tuple[int, int], ...]) -> Tensor:
+    """Each row alone on its real queries and keys: the call it makes in a batch of one.
+    Padded query rows stay zero; nothing real attends to them."""
+    out = q.new_zeros(q.shape)  # (B, H, L, D)
+    for row, (queries, keys) in enumerate(sequences):
+        q_row = q[row : row + 1, :, :queries]
+        k_row, v_row = k[row : row + 1, :, :keys], v[row : row + 1, :, :keys]
+        out[row : row + 1, :, :queries] = attend(q_row, k_row, v_row, AttentionMask())
+    return out
 
 
 def _can_use_flash(q: Tensor, k: Tensor, mask: AttentionMask) -> bool:

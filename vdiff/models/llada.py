@@ -60,7 +60,11 @@ class LLaDAModel(nn.Module):
         self.transformer = nn.ModuleDict(modules)
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, kv: BatchKV | None
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | AttentionMask | None,
+        position_ids: Tensor | None,
+        kv: BatchKV | None,
     ) -> Tensor:
         config = self.config
         x = self.transformer["wte"](input_ids)  # (B, L, d_model)
@@ -98,7 +102,7 @@ class LLaDAModelLM(HFStyleModel):
     def forward(
         self,
         input_ids: Tensor,
-        attention_mask: Tensor | None = None,
+        attention_mask: Tensor | AttentionMask | None = None,
         position_ids: Tensor | None = None,
         kv: BatchKV | None = None,
     ) -> DiffusionLMOutput:

@@ -47,6 +47,7 @@ def model_parameters(args: argparse.Namespace) -> dict[str, str]:
         "model": args.model,
         "tokenizer": args.tokenizer or "",
         "verifier": args.verifier or "",
+        "batch_invariant": str(args.batch_invariant).lower(),
         "dtype": args.dtype,
         "device": args.device,
         "trust_remote_code": str(args.trust_remote_code).lower(),
@@ -71,6 +72,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--seed", type=int, default=0)
     engine.add_argument(
         "--verifier", default="", help="APD's autoregressive verifier: a causal LM with the model's tokenizer"
+    )
+    engine.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="a request's tokens never depend on the requests beside it (as vLLM's VLLM_BATCH_INVARIANT=1)",
     )
 
 
