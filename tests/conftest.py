@@ -1,11 +1,17 @@
-"""Run-wide fixtures: tiny checkpoints written once by tools/make_tiny_model.py."""
+"""Run-wide fixtures: tiny checkpoints written once by tools/make_tiny_model.py.
+
+Dtype is an explicit axis: the engine fixtures (`llm`, `llada_llm`, `dream_llm`,
+`invariant_llm`) run every test that takes them in float32 and in bfloat16, on every machine
+(bf16 arithmetic exists on every CPU; where it is emulated it is only slower). Nothing here
+uses dtype "auto", whose outcome depends on the CPU.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +81,65 @@ def tiny_llada_verifier(tiny_llada: Path, tmp_path_factory: pytest.TempPathFacto
     return write_verifier(tiny_llada, tmp_path_factory.mktemp("tiny-llada-verifier"))
 
 
-@pytest.fixture(scope="session")
-def llada_llm(tiny_llada: Path, tiny_llada_verifier: Path) -> LLM:
-    return LLM(model=tiny_llada, max_num_seqs=8, verifier=str(tiny_llada_verifier))
+DTYPES = ("float32", "bfloat16")
+SERVED_DTYPE = "float32"  # the session tritonserver's; `served_llm` is its offline twin
+EngineFactory = Callable[..., LLM]
 
 
 @pytest.fixture(scope="session")
-def dream_llm(tiny_dream: Path) -> LLM:
-    return LLM(model=tiny_dream, max_num_seqs=8)
+def tiny_dream_verifier(tiny_dream: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_verifier(tiny_dream, tmp_path_factory.mktemp("tiny-dream-verifier"))
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_llada: Path, tiny_llada_verifier: Path, tiny_dream: Path, tiny_dream_verifier: Path) -> EngineFactory:
+    """`engines(family, dtype, batch_invariant=False)`: one LLM per setting for the whole run,
+    each with a tiny verifier, so that every algorithm (APD included) runs on both families."""
+    models = {"llada": (tiny_llada, tiny_llada_verifier), "dream": (tiny_dream, tiny_dream_verifier)}
+    built: dict[tuple[str, str, bool], LLM] = {}
+
+    def get(family: str, dtype: str, batch_invariant: bool = False) -> LLM:
+        key = (family, dtype, batch_invariant)
+        if key not in built:
+            model, verifier = models[family]
+            built[key] = LLM(
+                model=model, verifier=str(verifier), dtype=dtype, max_num_seqs=8, batch_invariant=batch_invariant
+            )
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=DTYPES)
+def dtype(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def llada_llm(engines: EngineFactory, dtype: str) -> LLM:
+    return engines("llada", dtype)
+
+
+@pytest.fixture(scope="session")
+def dream_llm(engines: EngineFactory, dtype: str) -> LLM:
+    return engines("dream", dtype)
 
 
 @pytest.fixture(params=["llada", "dream"])
-def llm(request: pytest.FixtureRequest, llada_llm: LLM, dream_llm: LLM) -> LLM:
-    return llada_llm if request.param == "llada" else dream_llm
+def llm(request: pytest.FixtureRequest, engines: EngineFactory, dtype: str) -> LLM:
+    return engines(request.param, dtype)
+
+
+@pytest.fixture(params=["llada", "dream"])
+def invariant_llm(request: pytest.FixtureRequest, engines: EngineFactory, dtype: str) -> LLM:
+    """The same engines in batch-invariant mode: a request's tokens never depend on its neighbours."""
+    return engines(request.param, dtype, True)
+
+
+@pytest.fixture(scope="session")
+def served_llm(engines: EngineFactory) -> LLM:
+    """The offline engine with the session tritonserver's settings, to compare served answers with."""
+    return engines("llada", SERVED_DTYPE)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -107,6 +159,7 @@ def triton_server(
     process = start_server(
         tiny_llada,
         tmp_path_factory.mktemp("triton"),
+        dtype=SERVED_DTYPE,
         verifier=str(tiny_llada_verifier),
         max_num_seqs=str(MAX_NUM_SEQS),
         max_queue_size=str(MAX_QUEUE_SIZE),

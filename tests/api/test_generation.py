@@ -22,30 +22,30 @@ def offline_text(llm: LLM, prompt: str, **params: object) -> str:
     return llm.generate(prompt, SamplingParams(**params))[0].text  # type: ignore[arg-type]
 
 
-def test_completion_equals_the_offline_engine_with_exact_usage(client: openai.OpenAI, llada_llm: LLM) -> None:
+def test_completion_equals_the_offline_engine_with_exact_usage(client: openai.OpenAI, served_llm: LLM) -> None:
     prompt = "Hello there"
     result = client.completions.create(model=SERVED[0], prompt=prompt, max_tokens=5, temperature=0)
     assert result.id.startswith("cmpl-") and result.object == "text_completion" and result.model == SERVED[0]
     assert len(result.choices) == 1 and result.choices[0].finish_reason == "length"
-    assert result.choices[0].text == offline_text(llada_llm, prompt, max_tokens=5, temperature=0.0)
-    prompt_tokens = len(llada_llm.tokenizer.encode(prompt))
+    assert result.choices[0].text == offline_text(served_llm, prompt, max_tokens=5, temperature=0.0)
+    prompt_tokens = len(served_llm.tokenizer.encode(prompt))
     assert result.usage is not None
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (prompt_tokens, 5)
     assert result.usage.total_tokens == prompt_tokens + 5
 
 
-def test_parallel_decoding_fields_reach_the_engine(client: openai.OpenAI, llada_llm: LLM) -> None:
+def test_parallel_decoding_fields_reach_the_engine(client: openai.OpenAI, served_llm: LLM) -> None:
     prompt = "Hello there"
     for rule in ({"threshold": 0.03}, {"factor": 2.95}, {"threshold": 0.03, "cache": "prefix"}, {"cache": "dual"}):
         fields = {"block_length": 8, "ignore_eos": True, **rule}
         result = client.completions.create(model=SERVED[0], prompt=prompt, max_tokens=16, extra_body=fields)
-        assert result.choices[0].text == offline_text(llada_llm, prompt, max_tokens=16, temperature=0.0, **fields)
+        assert result.choices[0].text == offline_text(served_llm, prompt, max_tokens=16, temperature=0.0, **fields)
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=SERVED[0], prompt=prompt, max_tokens=4, extra_body={"threshold": 2.0})
     assert caught.value.body["param"] == "threshold" and "threshold must be in (0, 1]" in caught.value.message
 
 
-def test_apd_fields_reach_the_engine(client: openai.OpenAI, llada_llm: LLM) -> None:
+def test_apd_fields_reach_the_engine(client: openai.OpenAI, served_llm: LLM) -> None:
     messages = [{"role": "user", "content": "Hello there"}]
     for setting in (
         {"apd_mixture_weight": 0.9},
@@ -53,7 +53,7 @@ def test_apd_fields_reach_the_engine(client: openai.OpenAI, llada_llm: LLM) -> N
     ):
         fields = {"algorithm": "apd", "ignore_eos": True, **setting}
         result = client.chat.completions.create(model=SERVED[0], messages=messages, max_tokens=16, extra_body=fields)
-        expected = llada_llm.chat([messages], SamplingParams(max_tokens=16, temperature=0.0, **fields))[0]
+        expected = served_llm.chat([messages], SamplingParams(max_tokens=16, temperature=0.0, **fields))[0]
         assert result.choices[0].message.content == expected.outputs[0].text
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=SERVED[0], prompt="hi", max_tokens=4, extra_body={"apd_mixture_weight": 2.0})
@@ -81,8 +81,8 @@ def test_stream_joins_to_the_non_streamed_text(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in chunks)
 
 
-def test_token_id_prompts_batches_and_n(client: openai.OpenAI, llada_llm: LLM) -> None:
-    ids = llada_llm.tokenizer.encode("Hello there")
+def test_token_id_prompts_batches_and_n(client: openai.OpenAI, served_llm: LLM) -> None:
+    ids = served_llm.tokenizer.encode("Hello there")
     by_ids = client.completions.create(model=SERVED[0], prompt=ids, max_tokens=6, temperature=0)
     by_text = client.completions.create(model=SERVED[0], prompt="Hello there", max_tokens=6, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text
@@ -102,10 +102,10 @@ def test_streamed_n_gives_each_choice_one_finish(client: openai.OpenAI) -> None:
     assert finished == [0, 1, 2]
 
 
-def test_stop_strings_and_echo(client: openai.OpenAI, llada_llm: LLM) -> None:
-    free = offline_text(llada_llm, "Hello", max_tokens=16, temperature=0.0)
+def test_stop_strings_and_echo(client: openai.OpenAI, served_llm: LLM) -> None:
+    free = offline_text(served_llm, "Hello", max_tokens=16, temperature=0.0)
     stop = free.strip()[:1] or "u"
-    expected = offline_text(llada_llm, "Hello", max_tokens=16, temperature=0.0, stop=[stop])
+    expected = offline_text(served_llm, "Hello", max_tokens=16, temperature=0.0, stop=[stop])
     result = client.completions.create(model=SERVED[0], prompt="Hello", max_tokens=16, temperature=0, stop=stop)
     assert result.choices[0].text == expected and stop not in expected
     assert result.choices[0].finish_reason == "stop"
@@ -141,11 +141,11 @@ def test_usage_chunks(client: openai.OpenAI) -> None:
     assert counts == sorted(counts) and counts[-1] == 8
 
 
-def test_chat_stream_starts_with_the_role_and_joins_to_the_answer(client: openai.OpenAI, llada_llm: LLM) -> None:
+def test_chat_stream_starts_with_the_role_and_joins_to_the_answer(client: openai.OpenAI, served_llm: LLM) -> None:
     messages = [{"role": "user", "content": "What is 3 + 4?"}]
     whole = client.chat.completions.create(model=SERVED[0], messages=messages, max_tokens=12, temperature=0)  # type: ignore[arg-type]
     assert whole.id.startswith("chatcmpl-") and whole.choices[0].message.role == "assistant"
-    expected = llada_llm.chat(messages, SamplingParams(max_tokens=12, temperature=0.0))[0]
+    expected = served_llm.chat(messages, SamplingParams(max_tokens=12, temperature=0.0))[0]
     assert whole.choices[0].message.content == expected.text
     assert whole.choices[0].finish_reason == expected.finish_reason
     assert whole.usage is not None and whole.usage.completion_tokens == len(expected.token_ids)
@@ -189,8 +189,8 @@ def test_raw_sse_framing(proxy: Proxy) -> None:
     assert all('"usage":null' in chunk for chunk in chunks if chunk.startswith("data: {"))
 
 
-def test_tokenize_and_detokenize(proxy: Proxy, tiny_llada: Path, llada_llm: LLM) -> None:
-    ids = llada_llm.tokenizer.encode("hello world")
+def test_tokenize_and_detokenize(proxy: Proxy, tiny_llada: Path, served_llm: LLM) -> None:
+    ids = served_llm.tokenizer.encode("hello world")
     answer = httpx.post(f"{proxy.url}/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
     assert (
         answer["tokens"] == ids

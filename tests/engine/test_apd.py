@@ -25,16 +25,9 @@ from vdiff.training.demo_task import held_out_set
 PROMPT = [17, 42, 99, 7, 256, 31, 5]
 
 
-@pytest.fixture(scope="module", params=["llada", "dream"])
-def apd_llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> LLM:
-    model_dir = request.getfixturevalue(f"tiny_{request.param}")
-    verifier = write_verifier(model_dir, tmp_path_factory.mktemp(f"verifier-{request.param}"))
-    return LLM(model=model_dir, verifier=str(verifier), dtype="float32", max_num_seqs=8)
-
-
 @pytest.fixture(scope="module")
-def demo_llm() -> LLM:
-    return LLM(model="vdiff-demo", verifier="vdiff-demo-ar", dtype="float32", max_num_seqs=16)
+def demo_llm(dtype: str) -> LLM:
+    return LLM(model="vdiff-demo", verifier="vdiff-demo-ar", dtype=dtype, max_num_seqs=16)
 
 
 def reference(llm: LLM, prompt: list[int], gen_length: int, stop_ids: set[int], **apd: Any) -> tuple[list[int], int]:
@@ -59,9 +52,9 @@ def apd_params(case: dict[str, Any], **more: Any) -> SamplingParams:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_apd_matches_the_published_loop_on_tiny_models(apd_llm: LLM, case: dict[str, Any]) -> None:
-    expected, rounds = reference(apd_llm, PROMPT, 24, set(), **case)
-    out = apd_llm.generate([PROMPT], apd_params(case, max_tokens=24, ignore_eos=True))[0]
+def test_apd_matches_the_published_loop_on_tiny_models(llm: LLM, case: dict[str, Any]) -> None:
+    expected, rounds = reference(llm, PROMPT, 24, set(), **case)
+    out = llm.generate([PROMPT], apd_params(case, max_tokens=24, ignore_eos=True))[0]
     assert (out.token_ids, out.nfe) == (expected, rounds)
     assert rounds < 24 or case["mixture_weight"] < 0.7  # some round accepted more than one token
 
@@ -85,18 +78,16 @@ def test_apd_matches_the_published_loop_on_the_demo_models(demo_llm: LLM, case: 
     "sampling", [{"temperature": 0.0}, {"temperature": 0.8}, {"temperature": 1.3, "top_p": 0.9, "top_k": 20}]
 )
 @pytest.mark.parametrize("lookahead", [None, 4, 5])
-def test_mixture_weight_one_accepts_every_lookahead(
-    apd_llm: LLM, sampling: dict[str, Any], lookahead: int | None
-) -> None:
+def test_mixture_weight_one_accepts_every_lookahead(llm: LLM, sampling: dict[str, Any], lookahead: int | None) -> None:
     """R = 1: the mixture is the draft model's own choice, so every round commits its whole window."""
     params = apd_params({"mixture_weight": 1.0, "max_lookahead": lookahead, "kv_window": 3}, max_tokens=24)
-    out = apd_llm.generate([PROMPT], params.replace(ignore_eos=True, seed=5, **sampling))[0]
+    out = llm.generate([PROMPT], params.replace(ignore_eos=True, seed=5, **sampling))[0]
     assert len(out.token_ids) == 24
     assert out.nfe == (1 if lookahead is None else math.ceil(24 / lookahead))
 
 
-def test_apd_streams_several_tokens_a_step(apd_llm: LLM) -> None:
-    engine = apd_llm.engine
+def test_apd_streams_several_tokens_a_step(llm: LLM) -> None:
+    engine = llm.engine
     engine.add_request(PROMPT, apd_params({"mixture_weight": 1.0, "max_lookahead": 6}, max_tokens=24, ignore_eos=True))
     deltas = []
     while engine.has_unfinished():
@@ -122,11 +113,11 @@ def mixed_batch() -> list[tuple[list[int], SamplingParams]]:
     return out
 
 
-def test_every_request_of_a_mixed_batch_equals_itself_alone(apd_llm: LLM) -> None:
+def test_every_request_of_a_mixed_batch_equals_itself_alone(invariant_llm: LLM) -> None:
     requests = mixed_batch()
-    together = apd_llm.generate([p for p, _ in requests], [s for _, s in requests])
+    together = invariant_llm.generate([p for p, _ in requests], [s for _, s in requests])
     for (prompt, params), output in zip(requests, together, strict=True):
-        alone = apd_llm.generate([prompt], params)[0]
+        alone = invariant_llm.generate([prompt], params)[0]
         assert (output.token_ids, output.nfe) == (alone.token_ids, alone.nfe), params
 
 
@@ -137,8 +128,8 @@ def remember_caches(running: list[Any], held: list[weakref.ref[Any]]) -> None:
                 held.append(weakref.ref(state))
 
 
-def test_finish_and_abort_free_the_verifier_and_diffusion_caches(apd_llm: LLM) -> None:
-    engine = apd_llm.engine
+def test_finish_and_abort_free_the_verifier_and_diffusion_caches(llm: LLM) -> None:
+    engine = llm.engine
     held: list[weakref.ref[Any]] = []
     params = apd_params({"mixture_weight": 0.7, "kv_window": 4, "max_lookahead": 6}, max_tokens=16, ignore_eos=True)
     for i in range(200):
@@ -168,9 +159,9 @@ def test_a_verifier_with_another_vocabulary_is_refused(tiny_llada: Path) -> None
         LLM(model=tiny_llada, verifier="vdiff-demo-ar")
 
 
-def test_the_models_own_added_tokens_may_fall_on_rows_the_verifier_leaves_unused(apd_llm: LLM) -> None:
+def test_the_models_own_added_tokens_may_fall_on_rows_the_verifier_leaves_unused(llm: LLM) -> None:
     """As Dream's mask token (151666) falls on a row Qwen2.5-0.5B's tokenizer leaves undefined."""
-    verifier = apd_llm.engine.verifier
+    verifier = llm.engine.verifier
     verifier.check_vocabulary({"a": 0, "b": 1}, {"a": 0, "b": 1, "<|mask|>": 2})
     with pytest.raises(ModelLoadError, match="token 'c' is id 1 for the diffusion model, the verifier has it as None"):
         verifier.check_vocabulary({"a": 0, "b": 1}, {"a": 0, "c": 1})
@@ -200,10 +191,10 @@ def test_a_canvas_longer_than_the_verifiers_context_is_refused(tiny_llada: Path,
         ({"algorithm": "entropy", "apd_mixture_weight": 0.5}, "apd_mixture_weight applies to algorithm 'apd'"),
     ],
 )
-def test_fields_apd_cannot_honour_are_refused(apd_llm: LLM, fields: dict[str, Any], message: str) -> None:
+def test_fields_apd_cannot_honour_are_refused(llm: LLM, fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        apd_llm.generate([PROMPT], SamplingParams(**fields))
-    assert not apd_llm.engine.has_unfinished()
+        llm.generate([PROMPT], SamplingParams(**fields))
+    assert not llm.engine.has_unfinished()
 
 
 @pytest.mark.parametrize(

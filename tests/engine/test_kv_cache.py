@@ -84,7 +84,8 @@ def mixed_batch(llm: LLM) -> list[tuple[list[int], SamplingParams]]:
     return out
 
 
-def test_every_request_of_a_mixed_batch_equals_itself_alone(llm: LLM) -> None:
+def test_every_request_of_a_mixed_batch_equals_itself_alone(invariant_llm: LLM) -> None:
+    llm = invariant_llm
     requests = mixed_batch(llm)
     together = llm.generate([p for p, _ in requests], [s for _, s in requests])
     for (prompt, params), output in zip(requests, together, strict=True):
@@ -92,7 +93,8 @@ def test_every_request_of_a_mixed_batch_equals_itself_alone(llm: LLM) -> None:
         assert (output.token_ids, output.nfe) == (alone.token_ids, alone.nfe), params
 
 
-def test_cache_none_is_exactly_the_baseline_alone_and_among_cached_requests(llm: LLM) -> None:
+def test_cache_none_is_exactly_the_baseline_alone_and_among_cached_requests(invariant_llm: LLM) -> None:
+    llm = invariant_llm
     baseline = SamplingParams(max_tokens=24, block_length=8, steps=24, algorithm="low_confidence", temperature=0.0)
     alone = llm.generate([PROMPT], baseline.replace(ignore_eos=True))[0].token_ids
     explicit = llm.generate([PROMPT], baseline.replace(ignore_eos=True, cache="none"))[0].token_ids

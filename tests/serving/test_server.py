@@ -6,13 +6,16 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from clients import Stream, http_post, read_metric, sse_events, stream_infer
-from triton_harness import MAX_NUM_SEQS, MAX_QUEUE_SIZE, Server
+from conftest import DTYPES, EngineFactory
+from triton_harness import MAX_NUM_SEQS, MAX_QUEUE_SIZE, Server, start_server
 from vdiff import LLM, SamplingParams
 
 PROMPTS = ["hello world", "the quick brown fox", "a", "twelve tokens or so of prompt text here"]
@@ -67,67 +70,90 @@ def waiting(server: Server) -> float:
         "apd-window-lookahead",
     ],  # fmt: skip
 )
-def test_grpc_stream_equals_offline_engine(triton_server: Server, llada_llm: LLM, params: dict[str, Any]) -> None:
+def test_grpc_stream_equals_offline_engine(triton_server: Server, served_llm: LLM, params: dict[str, Any]) -> None:
     for prompt in PROMPTS:
-        expected = offline(llada_llm, prompt, **params)
+        expected = offline(served_llm, prompt, **params)
         values = {k if k != "stop" else "stop_words": v for k, v in params.items()}
         result = stream_infer(triton_server.grpc, {"text_input": prompt} | values)
         assert result.error is None
         assert result.text == expected.text
         assert sum(r["num_output_tokens"] for r in result.responses) == len(expected.token_ids)
         assert result.finish_reason == expected.finish_reason
-        assert all(r["num_input_tokens"] == len(llada_llm.tokenizer.encode(prompt)) for r in result.responses)
+        assert all(r["num_input_tokens"] == len(served_llm.tokenizer.encode(prompt)) for r in result.responses)
         steps = [r["step_index"] for r in result.responses]
         assert steps == sorted(steps) and steps[-1] == expected.nfe
 
 
-def test_token_id_prompt_and_stop_token_ids_equal_offline_engine(triton_server: Server, llada_llm: LLM) -> None:
-    ids = llada_llm.tokenizer.encode(PROMPTS[0])
-    free_run = offline(llada_llm, {"prompt_token_ids": ids}, max_tokens=24)
+def test_token_id_prompt_and_stop_token_ids_equal_offline_engine(triton_server: Server, served_llm: LLM) -> None:
+    ids = served_llm.tokenizer.encode(PROMPTS[0])
+    free_run = offline(served_llm, {"prompt_token_ids": ids}, max_tokens=24)
     stop_id = free_run.token_ids[3]
-    expected = offline(llada_llm, {"prompt_token_ids": ids}, max_tokens=24, stop_token_ids=[stop_id])
+    expected = offline(served_llm, {"prompt_token_ids": ids}, max_tokens=24, stop_token_ids=[stop_id])
     result = stream_infer(triton_server.grpc, {"input_ids": ids, "max_tokens": 24, "stop_token_ids": [stop_id]})
     assert result.error is None
     assert result.text == expected.text and result.finish_reason == expected.finish_reason == "stop"
     assert sum(r["num_output_tokens"] for r in result.responses) == len(expected.token_ids) <= 4  # with the stop id
 
 
-def test_http_generate_returns_one_response(triton_server: Server, llada_llm: LLM) -> None:
+def test_http_generate_returns_one_response(triton_server: Server, served_llm: LLM) -> None:
     status, body = http_post(f"{triton_server.http}/v2/models/vdiff/generate", {"text_input": "hi", "max_tokens": 16})
     assert status == 200
     response = json.loads(body)
-    expected = offline(llada_llm, "hi", max_tokens=16)
+    expected = offline(served_llm, "hi", max_tokens=16)
     assert response["text_output"] == expected.text
     assert response["num_output_tokens"] == len(expected.token_ids)
     assert response["finish_reason"] == "length"
 
 
-def test_http_generate_stream_sends_deltas(triton_server: Server, llada_llm: LLM) -> None:
+def test_http_generate_stream_sends_deltas(triton_server: Server, served_llm: LLM) -> None:
     body = {"text_input": "hello world", "max_tokens": 24, "stream": True}
     status, text = http_post(f"{triton_server.http}/v2/models/vdiff/generate_stream", body)
     assert status == 200
     events = sse_events(text)
-    expected = offline(llada_llm, "hello world", max_tokens=24)
+    expected = offline(served_llm, "hello world", max_tokens=24)
     assert len(events) > 1
     assert "".join(e["text_output"] for e in events) == expected.text
     assert [e["finish_reason"] for e in events] == [""] * (len(events) - 1) + ["length"]
 
 
-def test_echo_puts_the_prompt_first(triton_server: Server, llada_llm: LLM) -> None:
+def test_echo_puts_the_prompt_first(triton_server: Server, served_llm: LLM) -> None:
     values = {"text_input": "hello", "max_tokens": 8, "exclude_input_in_output": False}
     result = stream_infer(triton_server.grpc, values)
-    assert result.text == "hello" + offline(llada_llm, "hello", max_tokens=8).text
+    assert result.text == "hello" + offline(served_llm, "hello", max_tokens=8).text
 
 
-def test_eight_concurrent_streams_are_all_correct(triton_server: Server, llada_llm: LLM) -> None:
+@pytest.fixture(scope="module", params=DTYPES)
+def invariant_server(
+    request: pytest.FixtureRequest, tiny_llada: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, str]]:
+    """A second tritonserver, in batch-invariant mode (config parameter batch_invariant), per dtype."""
+    dtype = str(request.param)
+    process = start_server(
+        tiny_llada,
+        tmp_path_factory.mktemp(f"triton-invariant-{dtype}"),
+        dtype=dtype,
+        batch_invariant="true",
+        max_num_seqs=str(MAX_NUM_SEQS),
+        max_queue_size=str(MAX_QUEUE_SIZE),
+    )
+    yield Server(process.config.address, process), dtype
+    process.stop()
+    process.wait(60)
+
+
+def test_eight_concurrent_streams_equal_each_prompt_alone(
+    invariant_server: tuple[Server, str], engines: EngineFactory
+) -> None:
+    """Eight streams at once, sharing forwards in every combination the scheduler makes, each equal
+    to the offline engine running its prompt alone: batch-invariant mode, in float32 and bfloat16."""
+    server, dtype = invariant_server
+    alone = engines("llada", dtype, True)
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(2 * MAX_NUM_SEQS)]
     with ThreadPoolExecutor(len(prompts)) as pool:
-        results = list(
-            pool.map(lambda p: stream_infer(triton_server.grpc, {"text_input": p, "max_tokens": 32}), prompts)
-        )
+        results = list(pool.map(lambda p: stream_infer(server.grpc, {"text_input": p, "max_tokens": 32}), prompts))
     for prompt, result in zip(prompts, results, strict=True):
         assert result.error is None
-        assert result.text == offline(llada_llm, prompt, max_tokens=32).text
+        assert result.text == offline(alone, prompt, max_tokens=32).text
 
 
 LONG = {"max_tokens": 480, "ignore_eos": True, "stream": True}  # still running when the test acts
@@ -143,9 +169,9 @@ def test_cancelling_an_ensemble_stream_frees_its_slot(triton_server: Server) -> 
     assert wait_for(lambda: running(triton_server) == 0, timeout=1.0) < 1.0
 
 
-def test_cancelling_a_direct_denoiser_stream_frees_its_slot(triton_server: Server, llada_llm: LLM) -> None:
+def test_cancelling_a_direct_denoiser_stream_frees_its_slot(triton_server: Server, served_llm: LLM) -> None:
     stream = Stream(triton_server.grpc)
-    stream.send("diffusion_denoise", {"input_ids": llada_llm.tokenizer.encode("cancel me too")} | LONG)
+    stream.send("diffusion_denoise", {"input_ids": served_llm.tokenizer.encode("cancel me too")} | LONG)
     assert stream.next_response()[2] is None
     wait_for(lambda: running(triton_server) == 1, timeout=2.0)  # metrics reach Triton every 0.25 s
     stream.cancel()
@@ -222,12 +248,12 @@ def test_invalid_http_request_gets_400(triton_server: Server, values: dict, mess
     assert message in json.loads(body)["error"]
 
 
-def test_server_still_serves_after_every_failure(triton_server: Server, llada_llm: LLM) -> None:
+def test_server_still_serves_after_every_failure(triton_server: Server, served_llm: LLM) -> None:
     for values, _ in INVALID:
         stream_infer(triton_server.grpc, values)
     result = stream_infer(triton_server.grpc, {"text_input": "still here", "max_tokens": 12})
     assert result.error is None
-    assert result.text == offline(llada_llm, "still here", max_tokens=12).text
+    assert result.text == offline(served_llm, "still here", max_tokens=12).text
 
 
 def settled_metric(server: Server, name: str) -> float:
@@ -257,7 +283,7 @@ def test_custom_metrics_are_exported(triton_server: Server) -> None:
     assert read_metric(triton_server.metrics, "vdiff:num_requests_waiting") == 0
 
 
-def test_a_stream_finishing_during_other_traffic_is_not_disturbed(triton_server: Server, llada_llm: LLM) -> None:
+def test_a_stream_finishing_during_other_traffic_is_not_disturbed(triton_server: Server, served_llm: LLM) -> None:
     """A cancelled neighbour must not change another request's tokens (they share every forward)."""
     neighbour = Stream(triton_server.grpc)
     neighbour.send("vdiff", {"text_input": "neighbour"} | LONG)
@@ -269,4 +295,4 @@ def test_a_stream_finishing_during_other_traffic_is_not_disturbed(triton_server:
     time.sleep(0.05)
     neighbour.cancel()
     worker.join(60)
-    assert results[0].text == offline(llada_llm, "mine", max_tokens=24).text
+    assert results[0].text == offline(served_llm, "mine", max_tokens=24).text

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SERVED_DTYPE
 from vdiff import LLM, SamplingParams
 from vdiff.backend.detokenize import text_delta
 from vdiff.backend.inputs import StreamOptions
@@ -46,7 +47,7 @@ class Collector:
 
 @pytest.fixture
 def service(tiny_llada: Path) -> DenoiseService:
-    engine = Engine(EngineConfig(model=str(tiny_llada), max_num_seqs=2))
+    engine = Engine(EngineConfig(model=str(tiny_llada), max_num_seqs=2, dtype=SERVED_DTYPE))
     service = DenoiseService(engine, max_queue_size=1)
     service.start()
     yield service
@@ -60,20 +61,20 @@ def submit(service: DenoiseService, prompt: str, stream: bool = True, echo: bool
     return sink
 
 
-def test_streamed_deltas_rebuild_the_offline_text(service: DenoiseService, llada_llm: LLM) -> None:
+def test_streamed_deltas_rebuild_the_offline_text(service: DenoiseService, served_llm: LLM) -> None:
     sink = submit(service, "hello there", max_tokens=40)
     assert sink.done.wait(60)
-    expected = llada_llm.generate("hello there", SamplingParams(max_tokens=40))[0]
+    expected = served_llm.generate("hello there", SamplingParams(max_tokens=40))[0]
     assert sink.text(service.engine.tokenizer) == expected.text
     assert sum(u.new_tokens for u, _ in sink.updates) == len(expected.token_ids)
     assert [final for _, final in sink.updates] == [False] * (len(sink.updates) - 1) + [True]
     assert sink.updates[-1][0].finish_reason == expected.finish_reason
 
 
-def test_without_stream_exactly_one_response_carries_everything(service: DenoiseService, llada_llm: LLM) -> None:
+def test_without_stream_exactly_one_response_carries_everything(service: DenoiseService, served_llm: LLM) -> None:
     sink = submit(service, "hello", stream=False, echo=True, max_tokens=24)
     assert sink.done.wait(60)
-    expected = llada_llm.generate("hello", SamplingParams(max_tokens=24))[0]
+    expected = served_llm.generate("hello", SamplingParams(max_tokens=24))[0]
     assert len(sink.updates) == 1 and sink.updates[0][1]
     assert sink.text(service.engine.tokenizer) == "hello" + expected.text
 
@@ -107,7 +108,7 @@ def test_engine_refusals_come_back_as_invalid_arg_and_free_the_slot(service: Den
 
 
 def test_shutdown_lets_running_requests_finish_and_refuses_new_ones(tiny_llada: Path) -> None:
-    service = DenoiseService(Engine(EngineConfig(model=str(tiny_llada))), max_queue_size=4)
+    service = DenoiseService(Engine(EngineConfig(model=str(tiny_llada), dtype=SERVED_DTYPE)), max_queue_size=4)
     service.start()
     sink = submit(service, "finish me", max_tokens=64, ignore_eos=True)
     service.shutdown(timeout=60)
@@ -134,7 +135,7 @@ def test_text_deltas_never_split_a_character(tiny_llada: Path) -> None:
     assert "".join(pieces) == text
 
 
-def test_a_broken_sender_ends_only_its_own_request(service: DenoiseService, llada_llm: LLM) -> None:
+def test_a_broken_sender_ends_only_its_own_request(service: DenoiseService, served_llm: LLM) -> None:
     class Broken(Collector):
         def send(self, update: Update, final: bool) -> None:
             raise RuntimeError("the client's stream is gone")
@@ -146,6 +147,6 @@ def test_a_broken_sender_ends_only_its_own_request(service: DenoiseService, llad
     service.submit("", ids, "", params, StreamOptions(stream=True), neighbour)
     assert neighbour.done.wait(30)
     assert neighbour.errors == [] and neighbour.updates[-1][0].finish_reason == "length"
-    expected = llada_llm.generate("x", params)[0]
+    expected = served_llm.generate("x", params)[0]
     assert neighbour.text(service.engine.tokenizer) == expected.text
     assert service.in_flight == 0
