@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     served = run_serving(args, rows) if args.serving else []
     out = Path(args.out or ROOT / "perf" / "results" / f"quality_{Path(args.model).name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    machine = f"{processor_name()}, {torch.get_num_threads()} threads, {args.device}"
+    machine = f"{processor_name()}, {torch.get_num_threads()} threads, {args.device}, {args.dtype}"
     header = f"{args.model} on {args.per_family} held-out problems per family ({machine}); command: {_command()}"
     text = markdown(rows, header)
     if served:

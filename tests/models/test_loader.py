@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import copy_model, edit_json, write_tiny
 from vdiff.models import Checkpoint, ModelLoadError, load_model, select_device, select_dtype
-from vdiff.models.loader import auto_dtype, cpu_has_fast_bf16
+from vdiff.models.loader import AUTO_BF16_MIN_HIDDEN, CPU_BF16_ENV, auto_dtype, cpu_has_fast_bf16
 from vdiff.models.remote import RemoteCodeModel
 
 
@@ -169,13 +169,37 @@ def test_dtype_choices(tiny_llada: Path) -> None:
     assert select_dtype("bf16", checkpoint, cpu) == torch.bfloat16
     assert select_dtype("half", checkpoint, cpu) == torch.float16
     assert select_dtype(torch.float16, checkpoint, cpu) == torch.float16
-    expected_auto = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    assert select_dtype("auto", checkpoint, cpu) == expected_auto
-    assert load_model(tiny_llada).model.transformer["wte"].weight.dtype == expected_auto
+    assert select_dtype("auto", checkpoint, cpu) == torch.float32  # 64 wide: float32 is faster on any CPU
+    assert load_model(tiny_llada, device="cpu").model.transformer["wte"].weight.dtype == torch.float32
     with pytest.raises(ModelLoadError, match="dtype 'int8' is not supported"):
         select_dtype("int8", checkpoint, cpu)
     with pytest.raises(ModelLoadError, match="not supported"):
         select_dtype(torch.int8, checkpoint, cpu)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_auto_dtype_follows_the_cpu_bf16_override(
+    native: str, tiny_llada: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both outcomes of auto on any machine: VDIFF_CPU_BF16 makes the loader believe the CPU has, or
+    lacks, native bf16; a bf16 checkpoint at least AUTO_BF16_MIN_HIDDEN wide then loads in bf16, or
+    in float32."""
+    monkeypatch.setenv(CPU_BF16_ENV, native)
+    cpu = torch.device("cpu")
+    assert cpu_has_fast_bf16() == (native == "1")
+    wide = torch.bfloat16 if native == "1" else torch.float32
+    assert auto_dtype(torch.bfloat16, cpu, AUTO_BF16_MIN_HIDDEN) == wide
+    assert auto_dtype(torch.bfloat16, cpu, AUTO_BF16_MIN_HIDDEN // 2) == torch.float32
+    assert auto_dtype(torch.float16, cpu, AUTO_BF16_MIN_HIDDEN) == torch.float32
+    copy = copy_model(tiny_llada, tmp_path)
+    edit_json(copy / "config.json", d_model=AUTO_BF16_MIN_HIDDEN)  # the width auto reads
+    assert select_dtype("auto", Checkpoint.open(copy), cpu) == wide
+
+
+def test_a_bad_cpu_bf16_override_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CPU_BF16_ENV, "maybe")
+    with pytest.raises(ModelLoadError, match="VDIFF_CPU_BF16='maybe': use 1"):
+        cpu_has_fast_bf16()
 
 
 def test_auto_dtype_rules() -> None:

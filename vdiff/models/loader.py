@@ -30,6 +30,14 @@ DTYPES = {
     "half": torch.float16,
 }
 _MAX_LISTED = 8  # problems listed in one error message before "... and N more"
+# The narrowest model that auto runs in bf16 on a CPU with native bf16: below it float32 was
+# faster at one request (2-layer LLaDA, perf/results/dtype_cpu.md: 128 wide, bf16 took 1.08x
+# float32's time at 1 request, 0.76x at 16; from 256 on 0.38-0.91x at both).
+AUTO_BF16_MIN_HIDDEN = 256
+
+# Overrides what the CPU's flags say about bf16: "1" treats it as native, "0" as emulated. Tests
+# run the `auto` rules both ways on any machine; a user can pin auto's choice across a fleet.
+CPU_BF16_ENV = "VDIFF_CPU_BF16"
 
 
 def load_model(
@@ -84,28 +92,47 @@ def select_dtype(requested: str | torch.dtype, checkpoint: Checkpoint, device: t
         if requested not in DTYPES:
             raise ModelLoadError(f"dtype {requested!r} is not supported (use auto, float32, bfloat16 or float16)")
         return DTYPES[requested]
-    return auto_dtype(checkpoint.checkpoint_dtype() or torch.float32, device)
+    width = checkpoint.config.get("d_model") or checkpoint.config.get("hidden_size")
+    return auto_dtype(checkpoint.checkpoint_dtype() or torch.float32, device, width)
 
 
-def auto_dtype(stored: torch.dtype, device: torch.device) -> torch.dtype:
+def auto_dtype(stored: torch.dtype, device: torch.device, hidden_size: int | None = None) -> torch.dtype:
     if stored not in (torch.bfloat16, torch.float16):
         return torch.float32
     if device.type == "cpu":
-        # Half precision on a CPU without bf16 instructions is emulated and several times slower.
-        return torch.bfloat16 if stored == torch.bfloat16 and cpu_has_fast_bf16() else torch.float32
+        # Half precision on a CPU without bf16 instructions is emulated and several times slower;
+        # with them, narrow models still run faster in float32 (perf/results/dtype_cpu.md).
+        wide = hidden_size is None or hidden_size >= AUTO_BF16_MIN_HIDDEN
+        return torch.bfloat16 if stored == torch.bfloat16 and wide and cpu_has_fast_bf16() else torch.float32
     if device.type == "cuda" and stored == torch.bfloat16 and not torch.cuda.is_bf16_supported():
         return torch.float16
     return stored
 
 
-@functools.cache
 def cpu_has_fast_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU has native bf16 arithmetic (x86 AVX512-BF16/AMX-BF16, Arm BF16)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+    """True when the CPU has native bf16 arithmetic (x86 AVX512-BF16/AMX-BF16, Arm BF16), or
+    when VDIFF_CPU_BF16 says so; `cpuinfo` (the text of /proc/cpuinfo) bypasses both."""
+    if cpuinfo is not None:
+        return _flags_have_bf16(cpuinfo)
+    override = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if override in ("1", "true", "yes"):
+        return True
+    if override in ("0", "false", "no"):
+        return False
+    if override:
+        raise ModelLoadError(f"{CPU_BF16_ENV}={override!r}: use 1 (native bf16) or 0 (emulated)")
+    return _this_cpu_has_bf16()
+
+
+@functools.cache
+def _this_cpu_has_bf16() -> bool:
+    try:
+        return _flags_have_bf16(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return False
+
+
+def _flags_have_bf16(cpuinfo: str) -> bool:
     flags = set(re.findall(r"[\w.]+", " ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.M))))
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
