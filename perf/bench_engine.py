@@ -1,6 +1,7 @@
 """Engine throughput at 1, 4 and 16 concurrent requests against the reference loop and the bare forward.
 
-    python perf/bench_engine.py [--arch llada|dream] [--vocab 8192] [--rounds 7] [--out perf/results/engine_cpu.json]
+    python perf/bench_engine.py [--arch llada|dream] [--vocab 8192] [--dtype float32|bfloat16] [--rounds 7]
+                                [--out perf/results/engine_cpu.json]
 
 A tiny model (4 layers, 256 wide, 448 or --vocab rows), fixed seed, prompts of mixed lengths, temperature 0 and
 ignore_eos, so every configuration does the same work: `steps` forwards per request. The
@@ -8,6 +9,9 @@ reference loop is the test oracle (one full forward per step, one request at a t
 is the bare model forward over the same padded batches the engine runs, as many times. Each
 configuration runs once per round, rounds interleaved; figures are medians over rounds and ratios
 are taken within a round, then the median, because this machine is shared and its speed drifts.
+The engine also runs in batch-invariant mode at 1 and 16 requests (`invariant_c*`): its cost is
+the time ratio to the default mode at the same concurrency, and its tokens at 16 must equal its
+tokens at 1.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ def main() -> None:
     cli.add_argument("--max-tokens", type=int, default=32)
     cli.add_argument("--rounds", type=int, default=7)
     cli.add_argument("--vocab", type=int, help="vocabulary rows (default 448; 8192 gives LLaDA-8B's vocab/width of 32)")
+    cli.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     cli.add_argument("--out", type=Path, default=ROOT / "perf/results/engine_cpu.json")
     args = cli.parse_args()
     rng, gen = random.Random(0), args.max_tokens
@@ -106,21 +111,24 @@ def main() -> None:
     prompts = [[rng.randrange(1, 380) for _ in range(rng.randrange(8, 33))] for _ in range(args.requests)]
     algorithm = "low_confidence" if args.arch == "llada" else "entropy"
     params = SamplingParams(max_tokens=gen, steps=gen, algorithm=algorithm, temperature=0.0, ignore_eos=True, seed=0)
-    llm = LLM(model=model_dir)
+    llm = LLM(model=model_dir, dtype=args.dtype)
+    invariant = LLM(model=model_dir, dtype=args.dtype, batch_invariant=True)
     mask = llm.tokenizer.special.mask
     if args.arch == "llada":
         oracle = partial(llada_reference, llm.model, mask_id=mask, steps=gen, gen_length=gen, block_length=gen)
     else:
         oracle = partial(dream_reference, llm.model, mask_id=mask, steps=gen, gen_length=gen, alg=algorithm)
 
-    def engine(concurrency: int) -> list[list[int]]:
-        llm.engine.scheduler.max_num_seqs = concurrency
-        return [o.token_ids for o in llm.generate(prompts, params)]
+    def engine(concurrency: int, which: LLM = llm) -> list[list[int]]:
+        which.engine.scheduler.max_num_seqs = concurrency
+        return [o.token_ids for o in which.generate(prompts, params)]
 
     runs: dict[str, Callable[[], Any]] = {"reference": lambda: [oracle(p) for p in prompts]}
     runs |= {f"engine_c{c}": partial(engine, c) for c in (1, 4, 16)}
+    runs |= {f"invariant_c{c}": partial(engine, c, invariant) for c in (1, 16)}
     runs |= {f"forward_b{b}": bare_forwards(llm, prompts, gen, b) for b in (1, 16)}
     expected = runs["reference"]()  # also the warm-up
+    alone = runs["invariant_c1"]()  # batch-invariant mode's own tokens, which no batch may change
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     peak = dict.fromkeys(runs, 0)
     same = dict.fromkeys(runs, True)
@@ -129,7 +137,8 @@ def main() -> None:
             elapsed, tokens, memory = timed(run)
             seconds[name].append(elapsed)
             peak[name] = max(peak[name], memory)
-            same[name] &= name.startswith("forward") or tokens == expected
+            target = alone if name.startswith("invariant") else expected
+            same[name] &= name.startswith("forward") or tokens == target
     total = args.requests * gen  # ignore_eos: every request makes gen tokens in `steps` = gen forwards
     lines: dict[str, dict[str, Any]] = {}
     for name in runs:
@@ -137,7 +146,9 @@ def main() -> None:
         mid = median(seconds[name])
         lines[name] = {"tok_s": total / mid, "step_ms": 1e3 * mid * concurrency / total, "peak_mb": peak[name] / 2**20}
         lines[name]["round_spread"] = max(seconds[name]) / min(seconds[name]) - 1  # slowest round over fastest
-        if not name.startswith("forward"):
+        if name.startswith("invariant"):
+            lines[name] |= {"nfe_per_token": 1.0, "equals_invariant_c1": same[name]}
+        elif not name.startswith("forward"):
             lines[name] |= {"nfe_per_token": 1.0, "equals_reference": same[name]}
 
     def per_round(a: str, b: str) -> list[float]:
@@ -151,11 +162,14 @@ def main() -> None:
         "c16_gain": median(c16_gain),
         "forward_gain_16": median(forward_gain),
         "c16_gain_over_forward_gain": median(g / f for g, f in zip(c16_gain, forward_gain, strict=True)),  # >= 1
+        "invariant_cost_c1": median(per_round("invariant_c1", "engine_c1")),  # time ratio, batch-invariant mode
+        "invariant_cost_c16": median(per_round("invariant_c16", "engine_c16")),
     }
     for name, line in lines.items():
         print(f"{name:12s}", "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in line.items()))
     machine = {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     setup = {"arch": args.arch, "vocab": llm.engine.vocab_size, "requests": args.requests, "max_tokens": gen}
+    setup |= {"dtype": args.dtype}
     setup |= {"rounds": args.rounds, "torch": torch.__version__, **machine}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"setup": setup, **lines}, indent=2) + "\n")
