@@ -93,22 +93,25 @@ def near_tie(llm: LLM, before: torch.Tensor, after: torch.Tensor, prompt_len: in
 
 
 def test_default_mode_tokens_differ_from_alone_only_at_near_ties(dtype: str) -> None:
-    """The demo model at temperature 0 (its schedule): 24 held-out questions in one batch and each
-    alone; wherever the answers part, the first step at which they part was a near tie alone."""
-    llm = LLM(model="vdiff-demo", dtype=dtype, max_num_seqs=24)
-    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    tokenizer, block = llm.tokenizer, 32
+    """The demo model at temperature 0, blocks of 16, one token per step: 48 held-out questions with
+    canvases of 16-64 answer positions in one batch, and each alone; wherever the answers part (in
+    bfloat16 one of them did when this was written, in float32 none), the first step at which they
+    part was a near tie alone."""
+    llm = LLM(model="vdiff-demo", dtype=dtype, max_num_seqs=48)
+    tokenizer, block, rng = llm.tokenizer, 16, random.Random(0)
     requests = []
-    for problem in held_out_set(4)[:24]:
+    for problem in held_out_set(10)[:48]:
         chat = tokenizer.apply_chat_template([{"role": "user", "content": problem.question}])
+        length = rng.choice([16, 32, 48, 64])
+        params = SamplingParams(max_tokens=length, steps=length, block_length=block, temperature=0.0, ignore_eos=True)
         requests.append((tokenizer.encode(chat), params))
     together = trace(llm, requests)
     parted = 0
-    for (prompt, _), batched in zip(requests, together, strict=True):
+    for (prompt, params), batched in zip(requests, together, strict=True):
         (alone,) = trace(llm, [(prompt, params)])
         step = next((i for i, (a, b) in enumerate(zip(alone, batched, strict=False)) if not torch.equal(a, b)), None)
         if step is None:
             continue
         parted += 1
         assert near_tie(llm, alone[step - 1], alone[step], len(prompt), block), f"parted at step {step}"
-    assert parted <= len(requests) // 2  # most answers never part
+    assert parted <= len(requests) // 4  # most answers never part
