@@ -141,7 +141,7 @@ def random_request(rng: random.Random, family: str, index: int) -> tuple[list[in
         elif kind == "factor":
             fields["factor"] = 2.95
         else:
-            fields["steps"] = length // rng.choice([1, 2]) if (length // block) % 2 == 0 else length
+            fields["steps"] = length // rng.choice([1, 2])  # blocks are even: a multiple of their count
         if kind == "cache":
             fields["cache"] = rng.choice(["prefix", "dual"])
         if kind == "cfg":
