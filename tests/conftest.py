@@ -82,6 +82,9 @@ def tiny_llada_verifier(tiny_llada: Path, tmp_path_factory: pytest.TempPathFacto
 
 
 DTYPES = ("float32", "bfloat16")
+# The default mode's stated tolerance: how far a row's logits may move when the same canvas runs in
+# another batch or window shape, times the row's largest |logit| (tests/engine/test_default_numerics.py).
+LOGIT_RTOL = {"float32": 1e-4, "bfloat16": 0.25}
 SERVED_DTYPE = "float32"  # the session tritonserver's; `served_llm` is its offline twin
 EngineFactory = Callable[..., LLM]
 

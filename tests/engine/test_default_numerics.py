@@ -14,14 +14,15 @@ import random
 import pytest
 import torch
 
+from conftest import LOGIT_RTOL
 from vdiff import LLM, SamplingParams
 from vdiff.models import canvas_logits
 from vdiff.request import Request
 from vdiff.training.demo_task import held_out_set
 
-# Measured over 150 random batches of 2-16 canvases of 3-250 tokens (tiny LLaDA and Dream, the
-# demo model): at most 8.3e-6 in float32 and 0.10 in bfloat16. The bounds keep a margin over that.
-LOGIT_RTOL = {"float32": 1e-4, "bfloat16": 0.25}
+# LOGIT_RTOL (tests/conftest.py): measured over 150 random batches of 2-16 canvases of 3-250 tokens
+# (tiny LLaDA and Dream, the demo model), at most 8.3e-6 in float32 and 0.10 in bfloat16; the
+# bounds keep a margin over that.
 
 
 def padded_batch(canvases: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

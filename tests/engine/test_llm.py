@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import EngineFactory
 from vdiff import LLM, SamplingParams
 
 
-def test_generate_takes_text_ids_and_dicts_and_keeps_prompt_order(llada_llm: LLM) -> None:
+def test_generate_takes_text_ids_and_dicts_and_keeps_prompt_order(engines: EngineFactory, dtype: str) -> None:
+    llada_llm = engines("llada", dtype, True)  # batch-invariant: equal rows of one batch give equal tokens
     params = SamplingParams(max_tokens=8, steps=8, ignore_eos=True)
     text = "hello world"
     ids = llada_llm.tokenizer.encode(text)
