@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-from conftest import LOGIT_RTOL
+from conftest import LOGIT_RTOL, EngineFactory
 from vdiff import LLM, SamplingParams
 from vdiff.models import canvas_logits
 from vdiff.request import Request
@@ -37,7 +37,9 @@ def padded_batch(canvases: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @pytest.mark.parametrize("model", ["llada", "dream", "vdiff-demo"])
-def test_batched_logits_equal_alone_logits_within_the_stated_tolerance(engines, dtype: str, model: str) -> None:  # type: ignore[no-untyped-def]
+def test_batched_logits_equal_alone_logits_within_the_stated_tolerance(
+    engines: EngineFactory, dtype: str, model: str
+) -> None:
     net = (LLM(model="vdiff-demo", dtype=dtype) if model == "vdiff-demo" else engines(model, dtype)).model
     rng = random.Random(0)
     vocab = 120 if model == "vdiff-demo" else 380
