@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_MAX_STOP_STRINGS = 64  # the proxy's --max-stop-sequences default
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -19,6 +21,8 @@ class EngineConfig:
     verifier: str | None = None  # APD's autoregressive verifier: a causal LM sharing the tokenizer
     # a request's tokens do not depend on its neighbours (vdiff/models/invariant.py), at some speed
     batch_invariant: bool = False
+    # stop strings one request may bring (vdiff serve --max-stop-sequences)
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
@@ -29,5 +33,11 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
+        if (
+            isinstance(self.max_stop_strings, bool)
+            or not isinstance(self.max_stop_strings, int)
+            or (self.max_stop_strings < 1)
+        ):
+            raise ValueError(f"max_stop_strings must be an integer >= 1, got {self.max_stop_strings!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")

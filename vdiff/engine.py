@@ -15,11 +15,13 @@ import itertools
 import random
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import nn
 
+from vdiff.bounds import RequestBounds
 from vdiff.config import EngineConfig
 from vdiff.decoding import DecodingStrategy, get_strategy
 from vdiff.models import Checkpoint, DiffusionLM, load_model
@@ -46,6 +48,9 @@ class Engine:
         self.defaults = SamplingDefaults.for_model(checkpoint.model_type, checkpoint.generation_config)
         self.vocab_size = int(checkpoint.config.get("embedding_size") or checkpoint.config["vocab_size"])
         self.max_sequence_length = cast(DiffusionLM, self.model).max_sequence_length
+        self.bounds = RequestBounds(
+            self.max_sequence_length, self.vocab_size, self.tokenizer.longest_token_chars, config.max_stop_strings
+        )
         self.verifier = self._load_verifier(config)
         self.runner = ModelRunner(self.model, self.tokenizer.special, self.verifier, config.batch_invariant)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
@@ -70,11 +75,21 @@ class Engine:
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = self._new_request(request_id, self._prompt_ids(prompt), params or SamplingParams())
+        prompt_ids = self._prompt_ids(prompt)
+        admitted = self._admit(prompt_ids, params or SamplingParams())
+        request = self._new_request(request_id, prompt_ids, admitted)
         request.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
+
+    def check_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
+        """Raise the ValueError `add_request` would, without queueing or allocating anything.
+
+        Reads only what is fixed at load, so another thread may call it while the engine steps:
+        a server refuses a bad request at once instead of after the step in flight.
+        """
+        self._admit(self._prompt_ids(prompt), params or SamplingParams())
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -122,7 +137,9 @@ class Engine:
                 del self._requests[request.request_id]
         return outputs
 
-    def _new_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+    def _admit(self, prompt_ids: list[int], params: SamplingParams) -> Admitted:
+        """The request's resolved params, strategy and canvas size, or a ValueError naming the field."""
+        self.bounds.check_params(params)  # before anything is sized by them
         params = self.defaults.apply(params, len(prompt_ids), self.max_sequence_length)
         assert params.algorithm is not None
         strategy = get_strategy(params.algorithm)
@@ -138,9 +155,14 @@ class Engine:
                 f"max_tokens ({params.max_tokens}, {gen_length} canvas positions) plus the prompt "
                 f"({len(prompt_ids)} tokens) exceeds the model's max_sequence_length ({self.max_sequence_length})"
             )
+        self.bounds.check_params(params)  # the defaults filled in are bounded too
+        return Admitted(params, strategy, gen_length)
+
+    def _new_request(self, request_id: str, prompt_ids: list[int], admitted: Admitted) -> Request:
+        params, strategy = admitted.params, admitted.strategy
         device = self.runner.device
         special = self.tokenizer.special
-        canvas = torch.full((len(prompt_ids) + gen_length,), special.mask, dtype=torch.long, device=device)
+        canvas = torch.full((len(prompt_ids) + admitted.gen_length,), special.mask, dtype=torch.long, device=device)
         canvas[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else special.stop_ids)
@@ -166,7 +188,12 @@ class Engine:
         return Verifier.load(config.verifier, self.tokenizer, weight.dtype, weight.device)
 
     def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            self.bounds.check_prompt_text(len(prompt))  # tokenizing megabytes takes seconds
+        else:
+            self.bounds.check_prompt_length(len(prompt))  # before a Python check per id
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.bounds.check_prompt_length(len(ids))
         if not ids:
             raise ValueError("prompt is empty; diffusion decoding needs at least one prompt token")
         for position, token in enumerate(ids):
@@ -177,6 +204,15 @@ class Engine:
             if token == self.tokenizer.special.mask:
                 raise ValueError(f"prompt_token_ids[{position}] is the mask token id {token}; prompts cannot hold it")
         return ids
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """What admission settled for one request: every field resolved, and its canvas positions."""
+
+    params: SamplingParams
+    strategy: DecodingStrategy
+    gen_length: int
 
 
 def _rows_by_strategy(running: list[Request]) -> dict[DecodingStrategy, list[int]]:

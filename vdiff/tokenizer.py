@@ -7,6 +7,7 @@ against each other so that a mismatched tokenizer fails at load time with a clea
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -70,6 +71,11 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.hf)
+
+    @functools.cached_property
+    def longest_token_chars(self) -> int:
+        """No token stands for more characters of text than its vocabulary entry has."""
+        return max((len(token) for token in self.hf.get_vocab()), default=1)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens)

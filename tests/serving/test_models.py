@@ -69,7 +69,7 @@ def test_tokenizer_passes_token_ids_through_after_checking_them(
     assert responses[0].outputs()["INPUT_IDS"].tolist() == [[5, 6, 7]]
     assert "not both" in responses[1].error().message()
     assert responses[2].error().message() == (
-        f"input 'input_ids'[1]: token id {vocab} is out of vocabulary (the tokenizer has {vocab})"
+        f"input 'input_ids'[1]: token id {vocab} is out of vocabulary (ids run from 0 to {vocab - 1})"
     )
     assert "send the prompt as text" in responses[3].error().message()
 

@@ -100,11 +100,26 @@ def test_stop_by_client_id_ends_the_stream_with_abort(service: DenoiseService) -
     assert sink.updates[-1] == (sink.updates[-1][0], True) and sink.updates[-1][0].finish_reason == "abort"
 
 
-def test_engine_refusals_come_back_as_invalid_arg_and_free_the_slot(service: DenoiseService) -> None:
-    sink = submit(service, "x", max_tokens=100000)
-    assert sink.done.wait(30)
-    assert sink.errors[0][0] is ErrorKind.INVALID_ARG and "max_sequence_length" in sink.errors[0][1]
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"max_tokens": 100000}, "input 'max_tokens'"),
+        ({"steps": 2**31 - 1}, "input 'steps'"),
+        ({"block_length": 2**31 - 1}, "input 'block_length'"),
+        ({"stop": ("x",) * 65}, "input 'stop_words'"),
+        ({"stop_token_ids": (10**6,)}, "input 'stop_token_ids'"),
+        ({"algorithm": "origin", "steps": 513}, "max_sequence_length (512)"),
+    ],
+)
+def test_engine_refusals_are_raised_at_submit_and_take_no_slot(
+    service: DenoiseService, fields: dict[str, object], named: str
+) -> None:
+    """Checked on the caller's thread, before the engine thread or its memory is involved."""
+    with pytest.raises(ServiceError) as refused:
+        submit(service, "x", **fields)
+    assert refused.value.kind is ErrorKind.INVALID_ARG and named in str(refused.value)
     assert service.in_flight == 0
+    assert submit(service, "x", max_tokens=4).done.wait(30)  # still serving
 
 
 def test_shutdown_lets_running_requests_finish_and_refuses_new_ones(tiny_llada: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from vdiff.bounds import RequestBounds
 from vdiff.sampling_params import SamplingParams
 
 
@@ -64,33 +65,87 @@ class StreamOptions:
     echo: bool = False  # put the prompt text before the first text delta
 
 
-def parse_options(inputs: Mapping[str, np.ndarray]) -> tuple[SamplingParams, StreamOptions]:
-    """SamplingParams and stream options from the request's tensors (absent inputs take defaults)."""
+def parse_options(
+    inputs: Mapping[str, np.ndarray], bounds: RequestBounds | None = None
+) -> tuple[SamplingParams, StreamOptions]:
+    """SamplingParams and stream options from the request's tensors (absent inputs take defaults).
+
+    With `bounds`, every value that sizes work is checked, list sizes before they become tuples.
+    """
+    if bounds is not None:
+        _check_list_sizes(inputs, bounds)
     values = {option.name: _value(option, inputs[option.name]) for option in OPTIONS if option.name in inputs}
     fields = {o.field: values[o.name] for o in OPTIONS if o.field is not None and o.name in values}
     try:
         params = SamplingParams(**fields)
     except ValueError as error:
         raise InvalidInputError(name_inputs(str(error))) from None
+    if bounds is not None:
+        _check_bounds(params, bounds)
     stream = StreamOptions(stream=values.get("stream", False), echo=not values.get("exclude_input_in_output", True))
     return params, stream
 
 
-def prompt_ids(inputs: Mapping[str, np.ndarray], encode: Callable[[str], list[int]], vocab_size: int) -> list[int]:
-    """The prompt: `input_ids` as sent (each id checked against the vocabulary), else `text_input` encoded."""
+def prompt_ids(
+    inputs: Mapping[str, np.ndarray], encode: Callable[[str], list[int]], bounds: RequestBounds
+) -> list[int]:
+    """The prompt: `input_ids` as sent (each id checked against the vocabulary), else `text_input` encoded.
+
+    Lengths are checked before the work they size: a text too long for the model is not tokenized.
+    """
     if "input_ids" not in inputs:
-        return encode(text_input(inputs))
+        text = text_input(inputs)
+        if len(text) > bounds.max_text_chars:
+            raise InvalidInputError(
+                f"input 'text_input' holds {len(text)} characters, more than the model's "
+                f"max_sequence_length ({bounds.max_sequence_length}) tokens can hold"
+            )
+        ids = encode(text)
+        _check_prompt_length("text_input", len(ids), bounds)
+        return ids
     if "text_input" in inputs:
         raise InvalidInputError("send the prompt as 'text_input' or as 'input_ids', not both")
-    ids = [int(i) for i in np.asarray(inputs["input_ids"]).reshape(-1)]
-    if not ids:
+    return input_ids(inputs, bounds)
+
+
+def input_ids(inputs: Mapping[str, np.ndarray], bounds: RequestBounds) -> list[int]:
+    """`input_ids` as sent, its size checked before it becomes a list and each id after."""
+    array = np.asarray(inputs["input_ids"])
+    if not array.size:
         raise InvalidInputError("input 'input_ids' is empty; diffusion decoding needs at least one prompt token")
+    _check_prompt_length("input_ids", array.size, bounds)
+    ids = [int(i) for i in array.reshape(-1)]
     for index, token in enumerate(ids):
-        if not 0 <= token < vocab_size:
+        if not 0 <= token < bounds.vocab_size:
             raise InvalidInputError(
-                f"input 'input_ids'[{index}]: token id {token} is out of vocabulary (the tokenizer has {vocab_size})"
+                f"input 'input_ids'[{index}]: token id {token} is out of vocabulary (ids run from 0 to "
+                f"{bounds.vocab_size - 1})"
             )
     return ids
+
+
+def _check_prompt_length(name: str, tokens: int, bounds: RequestBounds) -> None:
+    if tokens > bounds.max_prompt_tokens:
+        raise InvalidInputError(
+            f"input '{name}': the prompt holds {tokens} tokens; the model's max_sequence_length "
+            f"({bounds.max_sequence_length}) leaves room for at most {bounds.max_prompt_tokens}"
+        )
+
+
+def _check_list_sizes(inputs: Mapping[str, np.ndarray], bounds: RequestBounds) -> None:
+    strings = np.asarray(inputs["stop_words"]).size if "stop_words" in inputs else 0
+    token_ids = np.asarray(inputs["stop_token_ids"]).size if "stop_token_ids" in inputs else 0
+    try:
+        bounds.check_stop_counts(strings, token_ids)
+    except ValueError as error:
+        raise InvalidInputError(name_inputs(str(error))) from None
+
+
+def _check_bounds(params: SamplingParams, bounds: RequestBounds) -> None:
+    try:
+        bounds.check_params(params)
+    except ValueError as error:
+        raise InvalidInputError(name_inputs(str(error))) from None
 
 
 def text_input(inputs: Mapping[str, np.ndarray], name: str = "text_input") -> str:

@@ -126,7 +126,15 @@ class DenoiseService:
         options: StreamOptions,
         sink: Sink,
     ) -> str:
-        """Hand a request to the engine thread; raises ServiceError(UNAVAILABLE) when full or closing."""
+        """Hand a request to the engine thread; raises ServiceError when it is invalid, full or closing.
+
+        The engine's checks run here, on the caller's thread, so a request the engine would refuse
+        is answered at once, however long the step in flight takes.
+        """
+        try:
+            self.engine.check_request(prompt_ids, params)
+        except ValueError as error:
+            raise ServiceError(ErrorKind.INVALID_ARG, name_inputs(str(error))) from None
         with self._lock:
             if self._closing.is_set():
                 raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down; retry on another replica")

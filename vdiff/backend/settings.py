@@ -32,6 +32,7 @@ class BackendSettings:
     max_num_batched_tokens: int | None = None
     torch_num_threads: int = 0  # 0: torch's default (one per core)
     seed: int = 0
+    max_stop_strings: int = 64  # stop strings one request may bring
     shutdown_timeout_s: float = 30.0  # how long unloading waits for requests in flight
     denoiser_model: str = "diffusion_denoise"  # where the detokenizer sends stop orders
 
@@ -71,6 +72,7 @@ class BackendSettings:
             seed=self.seed,
             verifier=self.verifier,
             batch_invariant=self.batch_invariant,
+            max_stop_strings=self.max_stop_strings,
         )
 
 

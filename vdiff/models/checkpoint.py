@@ -23,6 +23,9 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# config.json keys that bound the sequence, most specific first; remote code without one gets the fallback
+LENGTH_KEYS = ("max_sequence_length", "max_position_embeddings", "n_positions", "seq_length")
+FALLBACK_MAX_LENGTH = 4096
 
 
 class ModelLoadError(ValueError):
@@ -38,6 +41,11 @@ class Checkpoint:
     @property
     def model_type(self) -> str:
         return str(self.config.get("model_type", ""))
+
+    @property
+    def max_length(self) -> int:
+        """The positions config.json allows: what the loaded model reports, without loading it."""
+        return config_max_length(self.config)
 
     @classmethod
     def open(cls, path_or_id: str | os.PathLike[str]) -> Checkpoint:
@@ -120,6 +128,10 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def config_max_length(config: dict[str, Any]) -> int:
+    return next((int(config[k]) for k in LENGTH_KEYS if config.get(k)), FALLBACK_MAX_LENGTH)
 
 
 def resolve_model_dir(path_or_id: str | os.PathLike[str]) -> Path:

@@ -12,11 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from vdiff.models.base import DiffusionLMOutput, HFStyleModel
-from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError
+from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError, config_max_length
 
 # Which auto_map entry to instantiate, most specific to a bidirectional LM first.
 _AUTO_CLASSES = ("AutoModel", "AutoModelForMaskedLM", "AutoModelForCausalLM")
-_LENGTH_KEYS = ("max_sequence_length", "max_position_embeddings", "n_positions", "seq_length")
 
 
 class RemoteCodeModel(HFStyleModel):
@@ -30,7 +29,7 @@ class RemoteCodeModel(HFStyleModel):
         super().__init__()
         self.inner = inner
         self.mask_token_id: int | None = config.get("mask_token_id")
-        self.max_sequence_length = next((int(config[k]) for k in _LENGTH_KEYS if config.get(k)), 4096)
+        self.max_sequence_length = config_max_length(config)
 
     @classmethod
     def load(cls, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> RemoteCodeModel:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vdiff.assets import DEFAULT_MODEL
+from vdiff.config import DEFAULT_MAX_STOP_STRINGS
 from vdiff.models.checkpoint import resolve_model_dir
 from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess, supervise
 from vdiff.serve.repository import render_repository
@@ -56,6 +57,8 @@ def model_parameters(args: argparse.Namespace) -> dict[str, str]:
         "max_num_batched_tokens": "" if args.max_num_batched_tokens is None else str(args.max_num_batched_tokens),
         "torch_num_threads": str(args.torch_num_threads),
         "seed": str(args.seed),
+        # the proxy's flag, where the command has it, so the engine's bound is never the tighter
+        "max_stop_strings": str(getattr(args, "max_stop_sequences", DEFAULT_MAX_STOP_STRINGS)),
         "shutdown_timeout_s": str(args.exit_timeout),
     }
 

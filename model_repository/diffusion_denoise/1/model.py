@@ -5,7 +5,7 @@ import json
 import torch
 import triton_python_backend_utils as pb_utils
 
-from vdiff.backend.inputs import InvalidInputError, parse_options, text_input
+from vdiff.backend.inputs import InvalidInputError, input_ids, parse_options, text_input
 from vdiff.backend.metrics import TritonMetrics
 from vdiff.backend.service import DenoiseService, ErrorKind, ServiceError
 from vdiff.backend.settings import BackendSettings
@@ -57,9 +57,9 @@ class TritonPythonModel:
                 return
             if "input_ids" not in inputs:
                 raise InvalidInputError("input 'input_ids' is required (the prompt's token ids)")
-            params, options = parse_options(inputs)
+            params, options = parse_options(inputs, self.service.engine.bounds)
             echo = text_input(inputs) if options.echo else ""
-            ids = inputs["input_ids"].reshape(-1).tolist()
+            ids = input_ids(inputs, self.service.engine.bounds)
             self.service.submit(request.request_id(), ids, echo, params, options, sink)
         except InvalidInputError as error:
             sink.fail(ErrorKind.INVALID_ARG, str(error))
