@@ -100,11 +100,13 @@ class Stream:
         self.client.close()
 
 
-def stream_infer(url: str, values: dict[str, Any], model: str = "vdiff", request_id: str = "") -> StreamResult:
+def stream_infer(
+    url: str, values: dict[str, Any], model: str = "vdiff", request_id: str = "", timeout: float = 60
+) -> StreamResult:
     stream = Stream(url)
     try:
         stream.send(model, {"stream": True} | values, request_id)
-        return stream.collect()
+        return stream.collect(timeout)
     finally:
         stream.close()
 
