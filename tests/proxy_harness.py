@@ -47,13 +47,19 @@ def proxy_config(model: Path, triton_grpc: str, metrics_url: str | None, **chang
 
 
 @contextmanager
-def running_proxy(config: ProxyConfig, http: HTTPSettings | None = None) -> Iterator[Proxy]:
+def running_proxy(
+    config: ProxyConfig,
+    http: HTTPSettings | None = None,
+    server_options: dict[str, Any] | None = None,
+) -> Iterator[Proxy]:
+    """`server_options`: uvicorn.Config's, e.g. `uvicorn_options(args).kwargs()` of real flags."""
     tokenizer = ProxyTokenizer.load(
         config.tokenizer, False, config.chat_template, config.max_model_len, config.trust_request_chat_template
     )
     app = build_app(config, tokenizer, http)
     port = free_loopback_address().http_port
-    server = ProxyServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"), app.state.drain)
+    options = (server_options or {}) | {"host": "127.0.0.1", "port": port, "log_level": "warning"}
+    server = ProxyServer(uvicorn.Config(app, **options), app.state.drain)
     thread = threading.Thread(target=server.run, name="proxy", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vdiff_client.config import RequestLimits
+from vdiff_client.timeouts import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_KEEP_ALIVE_S,
+    h11_protocol,
+)
 
 # vLLM flags accepted and ignored: (names, takes a value)
 IGNORED_FLAGS: tuple[tuple[tuple[str, ...], bool], ...] = (
@@ -95,6 +101,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("model_tag", nargs="?", default=None, help="the model (overrides --model), as in `vllm serve`")
@@ -138,13 +151,31 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--enable-log-requests", action="store_true")
     http.add_argument("--disable-log-requests", action="store_true", help="deprecated in vLLM; the default")
     http.add_argument("--max-log-len", type=int, default=None)
-    http.add_argument("--h11-max-incomplete-event-size", type=int, default=4 * 1024 * 1024)
+    http.add_argument("--h11-max-incomplete-event-size", type=positive_int, default=4 * 1024 * 1024,
+                      help="largest request head in bytes; beyond it: 400")  # fmt: skip
+    add_timeout_arguments(parser)
     limits = parser.add_argument_group("rate limits (per API key, or per client address without keys)")
     limits.add_argument("--rate-limit-rpm", type=positive_int, default=None,
                         help="generation requests per minute; over it: 429 + Retry-After (default: off)")  # fmt: skip
     limits.add_argument("--rate-limit-tpm", type=positive_int, default=None,
                         help="tokens per minute: prompt + max_tokens, settled to real use (default: off)")  # fmt: skip
     add_limit_arguments(parser)
+
+
+def add_timeout_arguments(parser: argparse.ArgumentParser) -> None:
+    """How long a client may take to send its request (timeouts.py); past it the connection ends."""
+    timeouts = parser.add_argument_group("client timeouts (slow or stalled clients)")
+    timeouts.add_argument("--timeout-keep-alive", type=positive_int, default=DEFAULT_KEEP_ALIVE_S,
+                          help="seconds an idle kept-alive connection stays open "
+                          "(5, vLLM's)")  # fmt: skip
+    timeouts.add_argument("--header-timeout", type=positive_float, default=DEFAULT_HEADER_TIMEOUT_S,
+                          help="seconds to send a request's headers, from the connection or the "
+                          "request's first byte; past it: 408 and the connection closed "
+                          "(10 s: headers take milliseconds, even on slow links)")  # fmt: skip
+    timeouts.add_argument("--body-timeout", type=positive_float, default=DEFAULT_BODY_TIMEOUT_S,
+                          help="seconds to send a request's body once its headers are in; past "
+                          "it: 408 and the connection closed, so a drain never waits for it "
+                          "(30 s: a 2 MB body, the default limit, at 67 KB/s)")  # fmt: skip
 
 
 def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,6 +244,8 @@ class UvicornOptions:
     access_log: bool
     ssl: dict[str, Any]
     h11_max_incomplete_event_size: int
+    timeout_keep_alive: int = DEFAULT_KEEP_ALIVE_S
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
 
     def kwargs(self) -> dict[str, Any]:
         return {
@@ -220,7 +253,9 @@ class UvicornOptions:
             "port": self.port,
             "log_level": self.log_level,
             "access_log": self.access_log,
+            "http": h11_protocol(self.header_timeout_s),
             "h11_max_incomplete_event_size": self.h11_max_incomplete_event_size,
+            "timeout_keep_alive": self.timeout_keep_alive,
             **self.ssl,
         }
 
@@ -237,4 +272,6 @@ def uvicorn_options(args: argparse.Namespace) -> UvicornOptions:
         access_log=not args.disable_uvicorn_access_log,
         ssl=tls if args.ssl_certfile else {},
         h11_max_incomplete_event_size=args.h11_max_incomplete_event_size,
+        timeout_keep_alive=args.timeout_keep_alive,
+        header_timeout_s=args.header_timeout,
     )

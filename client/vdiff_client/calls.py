@@ -98,6 +98,13 @@ class Drain:
         log.info("[shutdown] drained; stopping the HTTP server")
         self.on_drained()
 
+    def abort_all(self, reason: str) -> None:
+        """End every call in flight with a 503: the backend they wait on is gone."""
+        if self.calls:
+            log.warning("ending %d requests in flight: %s", len(self.calls), reason)
+        for call in list(self.calls):
+            call.abort(f"the inference backend stopped answering ({reason}); retry later")
+
     async def _wait_idle(self, timeout_s: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

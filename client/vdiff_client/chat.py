@@ -23,6 +23,8 @@ from vdiff_client.responses import (
 from vdiff_client.serving import Serving, StreamUsage, sse_stream
 from vdiff_client.tokenizer import ProxyTokenizer
 
+MESSAGE_OVERHEAD = 16  # characters a template adds around each message (role, separators)
+
 
 def message_text(content: str | list[TextPart] | None) -> str:
     """A message's content as one string: text parts are joined with newlines, as vLLM does."""
@@ -57,12 +59,22 @@ def render_messages(
     )
 
 
+def messages_size(messages: list[ChatMessage]) -> int:
+    """About the characters a template renders from `messages`, known before rendering them."""
+    return sum(len(message_text(m.content)) + MESSAGE_OVERHEAD for m in messages)
+
+
 class ChatServing(Serving):
-    def prompt(self, request: ChatCompletionRequest) -> Prompt:
+    async def prompts(self, request: ChatCompletionRequest) -> list[Prompt]:
+        """The rendered and tokenized conversation, in one job off the event loop."""
         if not request.messages:
             raise bad_request("messages must hold at least one message", "messages")
-        text = render_messages(self.tokenizer, request, request.messages)
-        return Prompt(self.tokenizer.encode_prompt(text, request.add_special_tokens), text)
+
+        def render_and_encode() -> list[Prompt]:
+            text = render_messages(self.tokenizer, request, request.messages)
+            return [Prompt(self.tokenizer.encode_prompt(text, request.add_special_tokens), text)]
+
+        return await self.tokenizer.run(messages_size(request.messages), render_and_encode)
 
     def role(self, request: ChatCompletionRequest) -> str:
         return self.config.response_role if request.add_generation_prompt else request.messages[-1].role
@@ -72,18 +84,22 @@ class ChatServing(Serving):
         last = request.messages[-1]
         return message_text(last.content) if request.echo and last.role == role else ""
 
-    def generation(self, request: ChatCompletionRequest, call: Call, request_id: str) -> tuple[Generation, Prompt]:
+    async def generation(
+        self, request: ChatCompletionRequest, call: Call, request_id: str
+    ) -> tuple[Generation, Prompt]:
         max_tokens = request.max_new_tokens()
         self.check_request(request, max_tokens)
-        prompt = self.prompt(request)
-        return self.start(request, call, request_id, [prompt], max_tokens), prompt
+        generation, prompts = await self.start_reserved(
+            request, call, request_id, max_tokens, 1, lambda: self.prompts(request)
+        )
+        return generation, prompts[0]
 
     async def create(
         self, request: ChatCompletionRequest, call: Call, request_id: str
     ) -> ChatCompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)
         request_id = f"chatcmpl-{request_id}" if request_id else random_id("chatcmpl")
-        generation, prompt = self.generation(request, call, request_id)
+        generation, prompt = await self.generation(request, call, request_id)
         role = self.role(request)
         if request.stream:
             events = await generation.started()

@@ -31,6 +31,7 @@ from vdiff_client.args import (
 )
 from vdiff_client.calls import ABORT_GRACE_S, Drain
 from vdiff_client.config import ProxyConfig
+from vdiff_client.health import BackendWatch
 from vdiff_client.ratelimit import RateLimits
 from vdiff_client.server import HTTPSettings, build_app
 from vdiff_client.tokenizer import ProxyTokenizer, model_max_length, parse_max_model_len
@@ -39,9 +40,10 @@ log = logging.getLogger("vdiff_client")
 
 
 class ProxyServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain, watch: BackendWatch | None = None) -> None:
         super().__init__(config)
         self.drain = drain  # the app's; a signal starts it, and once drained it stops this server
+        self.backend_watch = watch  # the app's pings of the denoiser (`vdiff` exits when it dies)
         drain.on_drained = lambda: setattr(self, "should_exit", True)
 
     @contextlib.contextmanager
@@ -96,6 +98,7 @@ def http_settings(args: argparse.Namespace) -> HTTPSettings:
         allow_credentials=args.allow_credentials,
         root_path=args.root_path,
         disable_docs=args.disable_fastapi_docs,
+        body_timeout_s=args.body_timeout,
     )
 
 
@@ -116,8 +119,8 @@ def build_proxy(args: argparse.Namespace, model_dir: str, triton_url: str, metri
 def make_server(app: FastAPI, args: argparse.Namespace) -> ProxyServer:
     """uvicorn for `app`; the drain has already waited for requests when uvicorn's own shutdown starts."""
     options = uvicorn_options(args)
-    config = uvicorn.Config(app, timeout_graceful_shutdown=int(ABORT_GRACE_S), timeout_keep_alive=5, **options.kwargs())
-    return ProxyServer(config, app.state.drain)
+    config = uvicorn.Config(app, timeout_graceful_shutdown=int(ABORT_GRACE_S), **options.kwargs())
+    return ProxyServer(config, app.state.drain, app.state.backend_watch)
 
 
 @contextlib.contextmanager

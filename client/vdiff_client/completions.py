@@ -22,42 +22,62 @@ from vdiff_client.sampling import check_context
 from vdiff_client.serving import Serving, StreamUsage, sse_stream
 
 EMPTY_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty."
+PromptItem = str | list[int]  # one prompt as sent: a text or token ids
 
 
 class CompletionServing(Serving):
-    def prompts(self, request: CompletionRequest) -> list[Prompt]:
+    def prompt_items(self, request: CompletionRequest) -> list[PromptItem]:
+        """The prompts as sent (texts or id lists) within --max-prompts, untokenized."""
         raw = request.prompt
         if raw is None or raw == "" or raw == []:
             raise bad_request(EMPTY_PROMPT, "prompt")
         if isinstance(raw, str):
-            items: list[str | list[int]] = [raw]
+            items: list[PromptItem] = [raw]
         elif all(isinstance(item, int) for item in raw):
             items = [list(raw)]  # type: ignore[arg-type]
         else:
             items = list(raw)  # type: ignore[arg-type]
         check_at_most("prompt", len(items), self.config.limits.max_prompts, "the number of prompts")
-        return [self._prompt(item, request) for item in items]
+        return items
 
-    def _prompt(self, item: str | list[int], request: CompletionRequest) -> Prompt:
+    async def prompts(self, items: list[PromptItem], request: CompletionRequest) -> list[Prompt]:
+        """Every prompt tokenized (or its ids checked) in one job off the event loop."""
+
+        def tokenized() -> list[Prompt]:
+            return [self._prompt(item, request) for item in items]
+
+        return await self.tokenizer.run(sum(len(item) for item in items), tokenized)
+
+    def _prompt(self, item: PromptItem, request: CompletionRequest) -> Prompt:
         if not item:
             raise bad_request(EMPTY_PROMPT, "prompt")
         if isinstance(item, str):
-            return Prompt(self.tokenizer.encode_prompt(item, request.add_special_tokens), item)
+            ids = self.tokenizer.encode_prompt(item, request.add_special_tokens, "prompt")
+            return Prompt(ids, item)
         check_context(len(item), None, self.tokenizer.max_model_len)  # before the per-id vocabulary check
         self.tokenizer.check_ids(item)
         return Prompt(item, self.tokenizer.decode(item) if request.echo else "")  # the text only serves echo
 
-    def generation(self, request: CompletionRequest, call: Call, request_id: str) -> tuple[Generation, list[Prompt]]:
+    async def generation(
+        self, request: CompletionRequest, call: Call, request_id: str
+    ) -> tuple[Generation, list[Prompt]]:
         self.check_request(request, request.max_tokens)
-        prompts = self.prompts(request)
-        return self.start(request, call, request_id, prompts, request.max_tokens), prompts
+        items = self.prompt_items(request)
+        return await self.start_reserved(
+            request,
+            call,
+            request_id,
+            request.max_tokens,
+            len(items),
+            lambda: self.prompts(items, request),
+        )
 
     async def create(
         self, request: CompletionRequest, call: Call, request_id: str
     ) -> CompletionResponse | AsyncIterator[str]:
         self.check_model(request.model)
         request_id = f"cmpl-{request_id}" if request_id else random_id("cmpl")
-        generation, prompts = self.generation(request, call, request_id)
+        generation, prompts = await self.generation(request, call, request_id)
         if request.stream:
             events = await generation.started()
             return sse_stream(self._chunks(request, request_id, prompts, events))

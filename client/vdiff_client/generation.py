@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vdiff_client.calls import Call
+from vdiff_client.capacity import Reservation
 from vdiff_client.errors import APIError
 from vdiff_client.metrics import RequestTracker
 from vdiff_client.ratelimit import TokenCharge
@@ -61,13 +62,20 @@ class ChoiceResult:
 
 class Generation:
     def __init__(
-        self, backend: TritonBackend, jobs: list[Job], tracker: RequestTracker, call: Call, charge: TokenCharge
+        self,
+        backend: TritonBackend,
+        jobs: list[Job],
+        tracker: RequestTracker,
+        call: Call,
+        charge: TokenCharge,
+        reservation: Reservation,
     ) -> None:
         self.backend = backend
         self.jobs = jobs
         self.tracker = tracker
         self.call = call  # its abort (the shutdown drain) ends the generation with a 503
         self.charge = charge  # the token budget it took; the unused part goes back at the end
+        self.reservation = reservation  # its engine slots, free again once its choices are stopped
         self.completion_tokens = 0
 
     async def events(self) -> AsyncGenerator[Event, None]:
@@ -93,9 +101,12 @@ class Generation:
             unregister()
             self.tracker.on_abort()
             self.charge.settle(self.completion_tokens)
-            for task in tasks:
+            for task in tasks:  # one choice refused or failed: the others stop now too
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            finally:
+                self.reservation.release()
 
     async def _pump(self, job: Job, queue: asyncio.Queue[Item]) -> None:
         """One choice's responses into the queue; whatever goes wrong ends up there too (never a hang)."""

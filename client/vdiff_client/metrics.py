@@ -24,6 +24,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator import metrics as http_metrics
+from starlette.applications import Starlette
 
 from vdiff_client.triton import Delta, TritonRequestError
 
@@ -62,6 +65,10 @@ TOKENS_PER_NFE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32
 # why a request was refused: rate limits (429), a full engine, a stopping or unreachable server (503)
 REJECTION_REASONS = ("rate_limit_requests", "rate_limit_tokens", "capacity", "shutdown", "unavailable")
 HTTP_METRICS_EXCLUDED = ["/metrics", "/health", "/ping", "/version", "/load", "/server_info"]  # as vLLM
+# RFC 9110's methods and PATCH; any other method a client makes up is counted as OTHER_METHOD
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                          "PATCH"))  # fmt: skip
+OTHER_METHOD = "other"
 ENGINE_GAUGES = {"vdiff:num_requests_running": "vllm:num_requests_running",
                  "vdiff:num_requests_waiting": "vllm:num_requests_waiting"}  # fmt: skip
 
@@ -214,3 +221,27 @@ class EngineGauges:
             gauge = GaugeMetricFamily(name, f"Engine requests ({source} summed over Triton instances).", labels=LABELS)
             gauge.add_metric([self.labels["model_name"], self.labels["engine"]], totals[source])
             yield gauge
+
+
+def instrument_http(app: Starlette, registry: CollectorRegistry) -> None:
+    """HTTP metrics whose label values a client cannot choose, so it cannot add series.
+
+    Each new value of `method` adds 9 samples to /metrics. Unmatched paths are already one
+    handler, "none" (`should_group_untemplated`); the method is the request's own string, which
+    uvicorn accepts for any token, so unknown ones are folded into "other" here.
+    """
+    observe = http_metrics.default(registry=registry)
+    assert observe is not None  # None only when the families already exist in `registry`
+
+    def observe_known_method(info: http_metrics.Info) -> None:
+        if info.method not in HTTP_METHODS:
+            info.method = OTHER_METHOD
+        observe(info)
+
+    instrumentator = Instrumentator(
+        should_group_untemplated=True,
+        should_ignore_untemplated=False,  # a flood of 404s stays visible, as one series
+        excluded_handlers=HTTP_METRICS_EXCLUDED,
+        registry=registry,
+    )
+    instrumentator.add(observe_known_method).instrument(app)

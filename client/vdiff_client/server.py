@@ -17,21 +17,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdiff_client import __version__
 from vdiff_client.calls import Call, Drain, DrainMiddleware, bearer_token, route_path
-from vdiff_client.chat import ChatServing, render_messages
+from vdiff_client.chat import ChatServing, messages_size, render_messages
 from vdiff_client.completions import CompletionServing
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import install_error_handlers
-from vdiff_client.health import HealthCheck
+from vdiff_client.health import BackendWatch, HealthCheck
 from vdiff_client.limits import BodySizeLimit
-from vdiff_client.metrics import HTTP_METRICS_EXCLUDED, ProxyMetrics
+from vdiff_client.metrics import ProxyMetrics, instrument_http
 from vdiff_client.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from vdiff_client.ratelimit import RateLimiter, RateLimitMiddleware
 from vdiff_client.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
+from vdiff_client.timeouts import DEFAULT_BODY_TIMEOUT_S, BodyReadTimeout
 from vdiff_client.tokenizer import ProxyTokenizer
 from vdiff_client.triton import TritonBackend
 
@@ -49,6 +49,7 @@ class HTTPSettings:
     allow_credentials: bool = False
     root_path: str = ""
     disable_docs: bool = False
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # --body-timeout
 
 
 def require_json(request: Request) -> None:
@@ -88,8 +89,17 @@ async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:
     raise ClientGone
 
 
+# vLLM guards only path prefixes (GUARDED_PREFIX = /v1, /v2, /inference, /cohere in
+# vllm/entrypoints/serve/utils/server_utils.py, commit 0753ceeb9cb7; /v1 alone in the older
+# entrypoints/openai/server_utils.py, commit 029329a8eded), so its /tokenize and /detokenize answer
+# without a key, as its security guide lists (PR #58028, which would guard them, is still open).
+# Here they need the key: they run the tokenizer and the chat template on whatever a client sends.
+GUARDED_PATHS = ("/tokenize", "/detokenize")
+
+
 class APIKeyMiddleware:
-    """`--api-key`: /v1 routes need `Authorization: Bearer <key>`; health, metrics and CORS preflight stay open."""
+    """`--api-key`: /v1 routes, /tokenize and /detokenize need `Authorization: Bearer <key>`;
+    health, version, metrics and CORS preflight stay open."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
         self.app = app
@@ -107,7 +117,8 @@ class APIKeyMiddleware:
         await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
 
     def _protected(self, scope: Scope) -> bool:
-        return route_path(scope).startswith("/v1")
+        path = route_path(scope)
+        return path.startswith("/v1") or path in GUARDED_PATHS
 
     def _allowed(self, scope: Scope) -> bool:
         token = bearer_token(scope)
@@ -128,14 +139,19 @@ def build_app(
     metrics = ProxyMetrics(config.model_name, config.max_model_len, config.triton_metrics_url)
     limiter = RateLimiter(config.rate_limits) if config.rate_limits.enabled else None
     drain = Drain(config.shutdown_timeout_s)
-    health_check = HealthCheck(backend, tokenizer.encode("ping", False) or [0])
+    watch = BackendWatch(backend)
+    watch.listeners.append(drain.abort_all)
+    health_check = HealthCheck(backend, tokenizer.encode("ping", False) or [0], watch)
     completions = CompletionServing(config, backend, tokenizer, metrics, limiter)
     chat = ChatServing(config, backend, tokenizer, metrics, limiter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         drain.bind(asyncio.get_running_loop())
+        watching = asyncio.create_task(watch.run())
         yield
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
         await backend.close()
 
     docs = not http.disable_docs
@@ -150,6 +166,7 @@ def build_app(
     )
     app.state.backend = backend
     app.state.drain = drain
+    app.state.backend_watch = watch
     install_error_handlers(app)
     # added innermost first: metrics see every answer, auth runs before the drain and the budgets
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
@@ -168,7 +185,9 @@ def build_app(
     )
     if config.enable_request_id_headers:
         app.middleware("http")(echo_request_id)
-    Instrumentator(excluded_handlers=HTTP_METRICS_EXCLUDED, registry=metrics.registry).instrument(app)
+    # inside the HTTP metrics, so that a body's 408 is counted as what the client got
+    app.add_middleware(BodyReadTimeout, timeout_s=http.body_timeout_s)
+    instrument_http(app, metrics.registry)
 
     async def health() -> Response:
         """503 while draining (load balancers stop routing here) or when the probe fails."""
@@ -205,18 +224,25 @@ def build_app(
         log_request(config, raw, "chat", request)
         return await answer(raw, chat.create(request, call_of(raw), raw.headers.get("x-request-id", "")))
 
-    @app.post("/tokenize", dependencies=[Depends(require_json)])
-    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
-        completions.check_model(request.model)
-        ids = tokenize_request(tokenizer, request)
-        strs = tokenizer.token_strs(ids) if request.return_token_strs else None
-        return TokenizeResponse(count=len(ids), max_model_len=config.max_model_len, tokens=ids, token_strs=strs)
+    json_body = [Depends(require_json)]
 
-    @app.post("/detokenize", dependencies=[Depends(require_json)])
-    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+    @app.post("/tokenize", dependencies=json_body, response_model=TokenizeResponse)
+    async def tokenize(request: TokenizeRequest) -> Response:
         completions.check_model(request.model)
-        tokenizer.check_ids(request.tokens, "tokens")
-        return DetokenizeResponse(prompt=tokenizer.decode(request.tokens))
+        return Response(await tokenize_request(tokenizer, request), media_type="application/json")
+
+    @app.post("/detokenize", dependencies=json_body, response_model=DetokenizeResponse)
+    async def detokenize(request: DetokenizeRequest) -> Response:
+        """At most max_model_len ids, checked and decoded off the event loop."""
+        completions.check_model(request.model)
+        tokenizer.check_id_count(request.tokens, "tokens")
+
+        def decoded() -> str:
+            tokenizer.check_ids(request.tokens, "tokens")
+            return DetokenizeResponse(prompt=tokenizer.decode(request.tokens)).model_dump_json()
+
+        body = await tokenizer.run(len(request.tokens), decoded)
+        return Response(body, media_type="application/json")
 
     return app
 
@@ -238,11 +264,33 @@ async def answer(raw: Request, work: Awaitable[Any]) -> Any:
     return result
 
 
-def tokenize_request(tokenizer: ProxyTokenizer, request: TokenizeRequest) -> list[int]:
-    if request.messages is not None:
-        return tokenizer.encode(render_messages(tokenizer, request, request.messages), bool(request.add_special_tokens))
-    special = True if request.add_special_tokens is None else request.add_special_tokens
-    return tokenizer.encode(request.prompt or "", special)
+async def tokenize_request(tokenizer: ProxyTokenizer, request: TokenizeRequest) -> str:
+    """The /tokenize answer as JSON, built off the event loop (megabytes with token_strs).
+
+    Its prompt has the completions' bound: a text that must exceed max_model_len tokens is
+    refused untokenized.
+    """
+    messages = request.messages
+    if messages is None:
+        tokenizer.check_prompt_chars(request.prompt or "", "prompt")
+
+    def tokenized() -> str:
+        if messages is not None:
+            text = render_messages(tokenizer, request, messages)
+            ids = tokenizer.encode_prompt(text, bool(request.add_special_tokens))
+        else:
+            special = True if request.add_special_tokens is None else request.add_special_tokens
+            ids = tokenizer.encode(request.prompt or "", special)
+        answer = TokenizeResponse(
+            count=len(ids),
+            max_model_len=tokenizer.max_model_len,
+            tokens=ids,
+            token_strs=tokenizer.token_strs(ids) if request.return_token_strs else None,
+        )
+        return answer.model_dump_json()
+
+    size = len(request.prompt or "") if messages is None else messages_size(messages)
+    return await tokenizer.run(size, tokenized)
 
 
 async def echo_request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

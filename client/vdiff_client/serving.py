@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from vdiff_client.calls import Call
+from vdiff_client.capacity import Reservation, gate_of
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import APIError, model_not_found
 from vdiff_client.generation import Generation, Prompt, make_jobs
@@ -37,6 +38,7 @@ class Serving:
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.limiter = limiter
+        self.capacity = gate_of(backend)
 
     def check_model(self, name: str | None) -> None:
         """An empty or missing model means the served one, as in vLLM."""
@@ -50,8 +52,43 @@ class Serving:
         check_limits(request, max_tokens, self.config.limits, self.tokenizer.max_model_len)
         self.tokenizer.check_ids(request.stop_token_ids or [], "stop_token_ids")  # the ensemble input is INT32
 
+    async def start_reserved(
+        self,
+        request: SamplingFields,
+        call: Call,
+        request_id: str,
+        max_tokens: int | None,
+        count: int,
+        tokenize: Callable[[], Awaitable[list[Prompt]]],
+    ) -> tuple[Generation, list[Prompt]]:
+        """Engine slots for n choices of `count` prompts, then the prompts, then the generation.
+
+        The generation releases the slots when it ends; a refusal on the way releases them at once.
+        """
+        reservation = await self.reserve(request.n, count)
+        try:
+            prompts = await tokenize()
+            return self.start(request, call, request_id, prompts, max_tokens, reservation), prompts
+        except BaseException:
+            reservation.release()
+            raise
+
+    async def reserve(self, n: int, prompts: int) -> Reservation:
+        try:
+            return await self.capacity.reserve(n, prompts)
+        except APIError as error:
+            if error.status == 503:
+                self.metrics.rejected("capacity")
+            raise
+
     def start(
-        self, request: SamplingFields, call: Call, request_id: str, prompts: list[Prompt], max_tokens: int | None
+        self,
+        request: SamplingFields,
+        call: Call,
+        request_id: str,
+        prompts: list[Prompt],
+        max_tokens: int | None,
+        reservation: Reservation,
     ) -> Generation:
         """The n choices of each prompt, after the context check and the token budget, ready to run on Triton."""
         for prompt in prompts:
@@ -61,7 +98,7 @@ class Serving:
             request_id, prompts, request.n, lambda p, i: ensemble_values(request, p.ids, max_tokens, i, self.config)
         )
         tracker = self.metrics.track(request.n, len(jobs), max_tokens)
-        return Generation(self.backend, jobs, tracker, call, charge)
+        return Generation(self.backend, jobs, tracker, call, charge, reservation)
 
     def charge_tokens(self, call: Call, prompts: list[Prompt], n: int, max_tokens: int | None) -> TokenCharge:
         """The client's token budget pays for the prompts and, per choice, the most it may generate."""

@@ -34,6 +34,7 @@ REFUSAL_PHRASES = {
     "the server shut down": "shutdown",
 }
 ENSEMBLE_PREFIX = "in ensemble '"
+PING_REQUEST_ID = "vdiff-liveness-ping"  # no request has this id, so the stop order ends nothing
 # gRPC codes that mean "Triton is not there (now)": the client should retry, maybe elsewhere
 UNREACHABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -153,19 +154,38 @@ class TritonBackend:
 
     async def _stop(self, request_id: str) -> None:
         """Tell the denoiser to end `request_id` at its next step (its slot is free after it)."""
-        stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
-        stop.set_data_from_numpy(np.array([[True]]))
-
-        async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.denoiser, "inputs": [stop], "request_id": request_id}
-
         try:
-            async for _, error in self.client.stream_infer(one_request()):
+            async for _, error in self.client.stream_infer(self._stop_order(request_id)):
                 if error is not None:
                     log.warning("stop order for %s failed: %s", request_id, error.message())
                 break
         except (InferenceServerException, asyncio.CancelledError) as error:
             log.warning("stop order for %s not delivered: %s", request_id, error)
+
+    async def ping(self, timeout_s: float) -> str | None:
+        """None when the denoiser answers within `timeout_s`; else why it did not.
+
+        The ping is a stop order for no request: the denoiser's execute() answers it at once,
+        without the engine, so a slow step never looks like a dead backend. Triton reports a
+        dead stub's model ready, and requests to it wait forever or fail after a second.
+        """
+        try:
+            return await asyncio.wait_for(self._ping_once(), timeout_s)
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
+            return f"no answer from {self.denoiser!r} within {timeout_s:g} s"
+        except (grpc.RpcError, InferenceServerException) as failure:
+            return f"Triton is unreachable: {failure}"
+
+    async def _ping_once(self) -> str | None:
+        async for _, error in self.client.stream_infer(self._stop_order(PING_REQUEST_ID)):
+            return None if error is None else error.message()
+        return "Triton closed the stream without an answer"
+
+    async def _stop_order(self, request_id: str) -> AsyncIterator[dict[str, Any]]:
+        """The one request of a stream that asks the denoiser to end `request_id`."""
+        stop = grpcclient.InferInput("stop", [1, 1], "BOOL")
+        stop.set_data_from_numpy(np.array([[True]]))
+        yield {"model_name": self.denoiser, "inputs": [stop], "request_id": request_id}
 
     async def _tensors(self, values: Mapping[str, Any]) -> list[grpcclient.InferInput]:
         """[1, n] tensors typed as the ensemble declares its inputs (read from Triton once)."""
@@ -190,6 +210,12 @@ class TritonBackend:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    async def denoiser_parameters(self) -> dict[str, str]:
+        """The denoiser's config.pbtxt `parameters` as Triton loaded them (string values)."""
+        reply = await self.client.get_model_config(self.denoiser, as_json=True, client_timeout=5.0)
+        parameters = reply.get("config", {}).get("parameters", {})
+        return {key: value.get("string_value", "") for key, value in parameters.items()}
 
 
 def _delta(result: Any) -> Delta:

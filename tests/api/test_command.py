@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
-import sys
 import threading
-import time
 from concurrent.futures import Future
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from clients import processes_mentioning
+from command_harness import start_vdiff, wait_healthy
 from vdiff import LLM
 from vdiff.serve.cli import openai_parser
-from vdiff.serve.launcher import ServerAddress, free_loopback_address
 from vdiff_client.args import IGNORED_FLAGS, ignored_flags_given
 from vdiff_client.tokenizer import parse_max_model_len
 
@@ -76,33 +72,6 @@ def test_max_model_len_sizes(text: str, length: int) -> None:
 def test_max_model_len_refuses_nonsense() -> None:
     with pytest.raises(ValueError, match="--max-model-len"):
         parse_max_model_len("lots")
-
-
-def start_vdiff(model: Path | None, *extra: str) -> tuple[subprocess.Popen[str], int, ServerAddress]:
-    """`vdiff` as a subprocess on free loopback ports; (process, HTTP port, Triton's addresses).
-
-    `model` None: no --model and no --served-model-name, as a user starts it for the shipped default.
-    """
-    port = free_loopback_address().http_port
-    triton = free_loopback_address()
-    named = [] if model is None else ["--model", str(model), "--served-model-name", "tiny"]
-    command = [sys.executable, "-m", "vdiff.serve.cli", *named, "--port", str(port),
-               "--host", "127.0.0.1", "--torch-num-threads", "1",
-               "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
-               "--triton-metrics-port", str(triton.metrics_port), *extra]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port, triton
-
-
-def wait_healthy(process: subprocess.Popen[str], port: int) -> list[int]:
-    """/health's answers until the first 200."""
-    statuses: list[int] = []
-    deadline = time.monotonic() + 180
-    while not statuses or statuses[-1] != 200:
-        assert time.monotonic() < deadline and process.poll() is None, "vdiff did not become healthy"
-        with contextlib.suppress(httpx.TransportError):
-            statuses.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code)
-        time.sleep(0.2)
-    return statuses
 
 
 def stream_in_thread(client: openai.OpenAI, first: threading.Event) -> Future[tuple[str | None, int]]:

@@ -41,6 +41,10 @@ class Responder:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def watch(self, key: str, sink: Any) -> None:
         """Poll this request's cancellation until its last response is sent."""
         self._outbox.put((key, sink, None, False))

@@ -114,6 +114,11 @@ class DenoiseService:
         self._thread.start()
 
     @property
+    def alive(self) -> bool:
+        """Both threads run: requests can be taken, stepped and answered."""
+        return self._thread.is_alive() and self._responder.alive
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 

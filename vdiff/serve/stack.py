@@ -4,7 +4,10 @@ The HTTP port is bound first (as vLLM does), so `/health` answers 503 while the 
 200 once Triton's ensemble is ready; the URL is printed then. On SIGTERM or SIGINT the OpenAI
 server stops accepting and lets requests in flight finish (up to the shutdown timeout), then
 Triton drains and stops; the exit code is 0. If tritonserver dies, the OpenAI server is stopped
-and the exit code is non-zero, with Triton's last lines.
+and the exit code is non-zero, with Triton's last lines. If the denoiser's stub dies or stops
+answering while tritonserver lives on (it then still reports the model ready), the app's
+`BackendWatch` ends the requests in flight with 503 and the stack exits non-zero too, within
+`BACKEND_EXIT_WITHIN_S`, so that a supervisor restarts the whole service.
 """
 
 from __future__ import annotations
@@ -15,9 +18,14 @@ import threading
 from typing import TextIO
 
 from vdiff.serve.launcher import TritonProcess
+from vdiff_client.calls import ABORT_GRACE_S
 from vdiff_client.cli import ProxyServer, stop_on_signals
+from vdiff_client.health import DEAD_WITHIN_S
 
 KILL_GRACE_S = 15  # past Triton's own exit timeout
+DEAD_BACKEND_STOP_S = 5  # a tritonserver whose stub died waits on it forever: SIGTERM, then kill
+# the documented bound: noticing, the aborted calls' last events, uvicorn's stop, Triton's stop
+BACKEND_EXIT_WITHIN_S = DEAD_WITHIN_S + 2 * ABORT_GRACE_S + DEAD_BACKEND_STOP_S
 
 
 class TritonWatch:
@@ -49,15 +57,39 @@ class TritonWatch:
             self.server.drain.begin_threadsafe()
 
 
+class BackendDeath:
+    """Told by the app's BackendWatch (on the server's loop) that the denoiser stopped answering."""
+
+    def __init__(self, triton: TritonProcess, server: ProxyServer, out: TextIO) -> None:
+        self.triton = triton
+        self.server = server
+        self.out = out
+        self.reason: str | None = None
+
+    def __call__(self, reason: str) -> None:
+        if self.triton.process.poll() is not None:
+            return  # tritonserver itself died: TritonWatch reports that
+        self.reason = reason
+        self.out.write(f"the denoiser stopped answering ({reason}); exiting so that a supervisor restarts vdiff\n")
+        self.out.flush()
+        self.server.drain.begin()  # new requests 503; the ones in flight were just ended
+
+
 def run_stack(triton: TritonProcess, server: ProxyServer, url: str, out: TextIO = sys.stderr) -> int:
     watch = TritonWatch(triton, server, url, out)
     watch.start()
+    death = BackendDeath(triton, server, out)
+    if server.backend_watch is not None:
+        server.backend_watch.listeners.append(death)
     timeout = triton.config.exit_timeout_s
     with stop_on_signals(server, f"\nstopping: draining requests in flight (up to {timeout} s)"):
         try:
             server.run()
         finally:  # also when uvicorn could not bind its port and exits
-            code = _stop_triton(triton, timeout)
+            code = _stop_triton(triton, DEAD_BACKEND_STOP_S if death.reason else timeout + KILL_GRACE_S)
+    if death.reason is not None:
+        out.write(f"\ntritonserver's last lines (full log: {triton.log_path}):\n{triton.last_lines()}\n")
+        return 1
     if watch.died or code not in (0, None):
         out.write(f"\ntritonserver exited with code {code}; its last lines (full log: {triton.log_path}):\n")
         out.write(triton.last_lines() + "\n")
@@ -65,10 +97,10 @@ def run_stack(triton: TritonProcess, server: ProxyServer, url: str, out: TextIO 
     return 0
 
 
-def _stop_triton(triton: TritonProcess, timeout_s: int) -> int:
+def _stop_triton(triton: TritonProcess, wait_s: int) -> int:
     triton.stop()
     try:
-        return triton.wait(timeout_s + KILL_GRACE_S)
+        return triton.wait(wait_s)
     except subprocess.TimeoutExpired:  # still draining past its own timeout: end it
         triton.process.kill()
         return triton.wait()

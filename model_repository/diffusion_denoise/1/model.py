@@ -69,6 +69,8 @@ class TritonPythonModel:
     def _stop(self, request_id, sink):
         if not request_id:
             raise InvalidInputError("input 'stop': a stop request needs the id of the request to stop")
+        if not self.service.alive:  # stop orders double as the proxy's liveness pings
+            raise ServiceError(ErrorKind.UNAVAILABLE, "the denoising service's threads have stopped")
         self.service.stop(request_id)
         sink.sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
 

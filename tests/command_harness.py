@@ -1,0 +1,40 @@
+"""The `vdiff` command as a subprocess on free loopback ports, for the tests that run it whole."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from vdiff.serve.launcher import ServerAddress, free_loopback_address
+
+
+def start_vdiff(model: Path | None, *extra: str) -> tuple[subprocess.Popen[str], int, ServerAddress]:
+    """`vdiff` as a subprocess on free loopback ports; (process, HTTP port, Triton's addresses).
+
+    `model` None: no --model and no --served-model-name, as a user starts it for the shipped default.
+    """
+    port = free_loopback_address().http_port
+    triton = free_loopback_address()
+    named = [] if model is None else ["--model", str(model), "--served-model-name", "tiny"]
+    command = [sys.executable, "-m", "vdiff.serve.cli", *named, "--port", str(port),
+               "--host", "127.0.0.1", "--torch-num-threads", "1",
+               "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
+               "--triton-metrics-port", str(triton.metrics_port), *extra]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port, triton
+
+
+def wait_healthy(process: subprocess.Popen[str], port: int) -> list[int]:
+    """/health's answers until the first 200."""
+    statuses: list[int] = []
+    deadline = time.monotonic() + 180
+    while not statuses or statuses[-1] != 200:
+        assert time.monotonic() < deadline and process.poll() is None, "vdiff did not become healthy"
+        with contextlib.suppress(httpx.TransportError):
+            statuses.append(httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code)
+        time.sleep(0.2)
+    return statuses
