@@ -9,7 +9,10 @@
    exit, and whether any process of the server's tree outlived it.
 2. Triton killed: the same load plus plain requests; then tritonserver gets SIGKILL. Recorded: how
    every request ended (status, or the code of the stream's error event) and how long after the kill,
-   /health right after, `vdiff`'s exit code and its message, and any process left behind.
+   how long until /health is 503 (or nothing listens), `vdiff`'s exit code, how long until it
+   exited, its message, and any process left behind.
+3. Denoiser killed, and wedged: the same, but the diffusion_denoise stub gets SIGKILL, or SIGSTOP
+   (a stub that stops answering); tritonserver lives on and reports the model ready.
 """
 
 from __future__ import annotations
@@ -115,31 +118,61 @@ async def sigterm_drill(process: Any, url: str, args: argparse.Namespace) -> dic
     }
 
 
-async def triton_kill_drill(process: Any, url: str, args: argparse.Namespace) -> dict[str, Any]:
+def tritonserver(processes: list[psutil.Process]) -> psutil.Process:
+    return next(p for p in processes if p.name() == "tritonserver")
+
+
+def denoiser_stub(processes: list[psutil.Process]) -> psutil.Process:
+    """The Python backend stub that runs diffusion_denoise (tritonserver outlives it)."""
+    return next(p for p in processes if "/diffusion_denoise/" in " ".join(p.cmdline()))
+
+
+VICTIMS = {  # drill name -> (which process, which signal)
+    "triton_killed": (tritonserver, signal.SIGKILL),
+    "denoiser_killed": (denoiser_stub, signal.SIGKILL),
+    "denoiser_wedged": (denoiser_stub, signal.SIGSTOP),
+}
+
+
+async def seconds_until_unhealthy(http: httpx.AsyncClient, url: str, since: float) -> float | None:
+    """Until /health is 503 or nothing listens any more (vdiff exited); None past 30 s."""
+    while time.monotonic() - since < 30:
+        try:
+            unhealthy = (await http.get(f"{url}/health", timeout=10)).status_code == 503
+        except httpx.TransportError:
+            unhealthy = True
+        if unhealthy:
+            return round(time.monotonic() - since, 2)
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def kill_drill(process: Any, url: str, args: argparse.Namespace, name: str) -> dict[str, Any]:
     processes = tree(process.pid)
-    triton = next(p for p in processes if p.name() == "tritonserver")
+    find, sig = VICTIMS[name]
+    victim = find(processes)
     async with httpx.AsyncClient(timeout=300) as http:
         firsts = [asyncio.Event() for _ in range(args.streams)]
         streams = [asyncio.create_task(stream_chat(http, url, args.max_tokens * 4, f)) for f in firsts]
         await asyncio.gather(*(f.wait() for f in firsts))
         plain = [asyncio.create_task(plain_chat(http, url, args.max_tokens * 4)) for _ in range(4)]
         await asyncio.sleep(0.3)
-        triton.kill()
+        victim.send_signal(sig)
         killed = time.monotonic()
+        unhealthy = asyncio.create_task(seconds_until_unhealthy(http, url, killed))
         stream_outcomes, plain_outcomes = await asyncio.gather(*streams), await asyncio.gather(*plain)
-        try:
-            health: int | str = (await http.get(f"{url}/health")).status_code
-        except httpx.TransportError:
-            health = "refused (vdiff already exited)"
+        unhealthy_after = await unhealthy
     code = await asyncio.to_thread(process.wait, 120)
     ends = [o["ended"] for o in [*stream_outcomes, *plain_outcomes]]
     return {
+        "signal": sig.name,
         "stream_endings": sorted({str(o["error"] or o["finish_reason"]) for o in stream_outcomes}),
         "streams_ended_with_503_event": sum(o["error"] == 503 and o["done"] for o in stream_outcomes),
         "plain_statuses": sorted({str(o["status"]) for o in plain_outcomes}),
         "all_requests_ended_within_s": round(max(ends) - killed, 2),
-        "health_after": health,
+        "health_503_after_s": unhealthy_after,
         "exit_code": code,
+        "exit_after_s": round(time.monotonic() - killed, 2),
         "processes_left": alive(processes),
     }
 
@@ -149,13 +182,14 @@ def run_drill(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, A
     process, url = start_vdiff(args, log)
     try:
         wait_healthy(url, process)
-        drill = sigterm_drill if name == "sigterm" else triton_kill_drill
-        result = asyncio.run(drill(process, url, args))
+        drill = sigterm_drill(process, url, args) if name == "sigterm" else kill_drill(process, url, args, name)
+        result = asyncio.run(drill)
     finally:
         if process.poll() is None:
             process.kill()
     text = log.read_text(errors="replace")
-    result["log_lines"] = [line for line in text.splitlines() if "[shutdown]" in line or "tritonserver" in line][-6:]
+    wanted = ("[shutdown]", "tritonserver", "denoiser", "requests in flight")
+    result["log_lines"] = [line for line in text.splitlines() if any(w in line for w in wanted)][-6:]
     return result
 
 
@@ -177,8 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         report = {
             "command": "python perf/fault_drills.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "sigterm": run_drill("sigterm", args, Path(workdir)),
-            "triton_killed": run_drill("triton_killed", args, Path(workdir)),
-        }
+        } | {name: run_drill(name, args, Path(workdir)) for name in VICTIMS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))

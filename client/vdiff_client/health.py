@@ -53,6 +53,7 @@ class BackendWatch:
     async def check(self) -> None:
         failure = await self.backend.ping(PING_TIMEOUT_S)
         if failure is not None and self.armed:
+            self.failure = failure  # /health is 503 from now
             failure = await self.backend.ping(PING_TIMEOUT_S)  # one more before declaring it dead
         self._record(failure)
 
