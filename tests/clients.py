@@ -7,6 +7,7 @@ import queue
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,6 +142,16 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(cmdline)
     return found
+
+
+def backend_stub(workdir: Path, model: str) -> psutil.Process:
+    """The Python backend stub that runs `model` for the server rendered under `workdir`."""
+    marker = f"{workdir}/model_repository/{model}/"
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "triton_python_backend_stub" in cmdline and marker in cmdline:
+            return process
+    raise AssertionError(f"no backend stub for {model} under {workdir}")
 
 
 def read_metric(metrics_url: str, name: str) -> float:

@@ -21,10 +21,10 @@ class RequestBounds:
     max_sequence_length: int  # prompt plus canvas positions the model takes
     vocab_size: int  # token ids run from 0 to vocab_size - 1
     longest_token_chars: int  # no token stands for more characters than its vocabulary entry
-    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS  # EngineConfig checked it
 
     def __post_init__(self) -> None:
-        for name in ("max_sequence_length", "vocab_size", "longest_token_chars", "max_stop_strings"):
+        for name in ("max_sequence_length", "vocab_size", "longest_token_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -34,11 +34,13 @@ class RequestBounds:
         return self.max_sequence_length - 1  # diffusion needs at least one canvas position
 
     @property
-    def max_text_chars(self) -> int:
-        """Characters of the longest text the model's positions can hold (prompt or answer).
+    def max_prompt_chars(self) -> int:
+        """A longer text holds more tokens than a prompt may have: refused before tokenizing."""
+        return self.max_prompt_tokens * self.longest_token_chars
 
-        A longer prompt cannot fit, and a longer stop string can never match an answer.
-        """
+    @property
+    def max_stop_chars(self) -> int:
+        """A longer stop string can never match: no answer has that many characters."""
         return self.max_sequence_length * self.longest_token_chars
 
     def check_params(self, params: SamplingParams) -> None:
@@ -50,9 +52,9 @@ class RequestBounds:
                 raise ValueError(f"{name} must be at most the model's max_sequence_length ({positions}), got {value}")
         self.check_stop_counts(len(params.stop), len(params.stop_token_ids))
         for text in params.stop:
-            if len(text) > self.max_text_chars:
+            if len(text) > self.max_stop_chars:
                 raise ValueError(
-                    f"stop strings must be at most {self.max_text_chars} characters (the longest "
+                    f"stop strings must be at most {self.max_stop_chars} characters (the longest "
                     f"answer this model can write), got one of {len(text)}"
                 )
         for token in params.stop_token_ids:
@@ -73,9 +75,10 @@ class RequestBounds:
             )
 
     def check_prompt_text(self, chars: int) -> None:
-        """Before tokenizing: a text this long holds more tokens than the model takes."""
-        if chars > self.max_text_chars:
+        """Before tokenizing: a text this long holds more tokens than a prompt may have."""
+        if chars > self.max_prompt_chars:
             raise ValueError(
-                f"prompt is {chars} characters; at most {self.longest_token_chars} per token, "
-                f"that is more than the model's max_sequence_length ({self.max_sequence_length})"
+                f"prompt is {chars} characters: at {self.longest_token_chars} characters per token "
+                f"at most, more than the {self.max_prompt_tokens} tokens the model's "
+                f"max_sequence_length ({self.max_sequence_length}) leaves for a prompt"
             )

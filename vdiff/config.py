@@ -33,11 +33,8 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be an integer >= 1, got {self.max_num_batched_tokens!r}")
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant must be true or false, got {self.batch_invariant!r}")
-        if (
-            isinstance(self.max_stop_strings, bool)
-            or not isinstance(self.max_stop_strings, int)
-            or (self.max_stop_strings < 1)
-        ):
-            raise ValueError(f"max_stop_strings must be an integer >= 1, got {self.max_stop_strings!r}")
+        stops = self.max_stop_strings
+        if isinstance(stops, bool) or not isinstance(stops, int) or stops < 1:
+            raise ValueError(f"max_stop_strings must be an integer >= 1, got {stops!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vdiff.models.checkpoint import Checkpoint, resolve_model_dir
-from vdiff_client.tokenizer import read_template
+from vdiff_client.tokenizer import longest_token_chars, read_template
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,7 @@ class Tokenizer:
 
     @functools.cached_property
     def longest_token_chars(self) -> int:
-        """No token stands for more characters of text than its vocabulary entry has."""
-        return max((len(token) for token in self.hf.get_vocab()), default=1)
+        return longest_token_chars(self.hf)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens)

@@ -47,10 +47,11 @@ class Call:
 
     client: str = "addr:?"
     abort_message: str = ""
+    abort_reason: str = "shutdown"  # why, for the rejection metrics: shutdown or unavailable
     _abort_hooks: list[Callable[[str], None]] = field(default_factory=list)
 
-    def abort(self, message: str) -> None:
-        self.abort_message = message
+    def abort(self, message: str, reason: str = "shutdown") -> None:
+        self.abort_message, self.abort_reason = message, reason
         for hook in list(self._abort_hooks):
             hook(message)
 
@@ -68,6 +69,8 @@ class Drain:
         self.calls: set[Call] = set()
         self.draining = False
         self.on_drained: Callable[[], None] = lambda: None
+        # why the backend is known dead (None while it answers): new calls are refused meanwhile
+        self.backend_failure: Callable[[], str | None] = lambda: None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -81,17 +84,19 @@ class Drain:
             return
         self._loop.call_soon_threadsafe(self.begin)
 
-    def begin(self) -> None:
+    def begin(self, timeout_s: float | None = None) -> None:
+        """Start draining; `timeout_s` (default: the shutdown timeout) for the calls in flight."""
         if self.draining:
             return
         self.draining = True
-        self._task = asyncio.get_running_loop().create_task(self._drain())
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
+        self._task = asyncio.get_running_loop().create_task(self._drain(wait_s))
 
-    async def _drain(self) -> None:
-        log.info("[shutdown] refusing new requests; %d in flight get up to %g s", len(self.calls), self.timeout_s)
-        if not await self._wait_idle(self.timeout_s):
+    async def _drain(self, timeout_s: float) -> None:
+        log.info("[shutdown] refusing new requests; %d in flight get up to %g s", len(self.calls), timeout_s)
+        if not await self._wait_idle(timeout_s):
             log.warning("[shutdown] shutdown timeout reached: aborting %d requests in flight", len(self.calls))
-            message = f"the server is shutting down: the request was aborted after the {self.timeout_s:g} s drain"
+            message = f"the server is shutting down: the request was aborted after the {timeout_s:g} s drain"
             for call in list(self.calls):
                 call.abort(message)
             await self._wait_idle(ABORT_GRACE_S)
@@ -103,7 +108,7 @@ class Drain:
         if self.calls:
             log.warning("ending %d requests in flight: %s", len(self.calls), reason)
         for call in list(self.calls):
-            call.abort(f"the inference backend stopped answering ({reason}); retry later")
+            call.abort(f"the inference backend stopped answering ({reason}); retry later", "unavailable")
 
     async def _wait_idle(self, timeout_s: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -125,9 +130,8 @@ class DrainMiddleware:
         if scope["type"] != "http" or not route_path(scope).startswith("/v1"):
             await self.app(scope, receive, send)
             return
-        if self.drain.draining:
-            self.on_reject("shutdown")
-            error = APIError(503, "the server is shutting down; retry on another replica")
+        error = self._refusal()
+        if error is not None:
             await error.response()(scope, receive, send)
             return
         call = Call()
@@ -137,3 +141,13 @@ class DrainMiddleware:
             await self.app(scope, receive, send)
         finally:
             self.drain.calls.discard(call)
+
+    def _refusal(self) -> APIError | None:
+        if self.drain.draining:
+            self.on_reject("shutdown")
+            return APIError(503, "the server is shutting down; retry on another replica")
+        failure = self.drain.backend_failure()
+        if failure is not None:
+            self.on_reject("unavailable")
+            return APIError(503, f"the inference backend is not answering ({failure}); retry later")
+        return None

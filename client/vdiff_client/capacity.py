@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from tritonclient.utils import InferenceServerException
@@ -33,28 +34,35 @@ log = logging.getLogger(__name__)
 # BackendSettings' defaults (vdiff/backend/settings.py): what an empty or `${...}` value means
 DEFAULT_MAX_NUM_SEQS = 16
 DEFAULT_MAX_QUEUE_SIZE = 32
+RETRY_READ_S = 5.0
 
 
 @dataclass(frozen=True)
 class EngineCapacity:
     max_num_seqs: int
     max_queue_size: int
+    instances: int = 1  # each instance of the denoiser runs its own engine
 
     @property
     def sequences(self) -> int:
-        return self.max_num_seqs + self.max_queue_size
+        return (self.max_num_seqs + self.max_queue_size) * self.instances
 
     def __str__(self) -> str:
-        return (
-            f"{self.sequences} (max_num_seqs {self.max_num_seqs} running + "
-            f"max_queue_size {self.max_queue_size} waiting)"
-        )
+        per_engine = f"max_num_seqs {self.max_num_seqs} running + max_queue_size {self.max_queue_size} waiting"
+        if self.instances > 1:
+            per_engine = f"{self.instances} instances x ({per_engine})"
+        return f"{self.sequences} ({per_engine})"
 
     @classmethod
-    def from_parameters(cls, parameters: Mapping[str, str]) -> EngineCapacity:
+    def from_model_config(cls, config: Mapping[str, Any]) -> EngineCapacity:
+        """From the denoiser's config as Triton loaded it (`get_model_config(..., as_json=True)`)."""
+        raw = config.get("parameters", {})
+        parameters = {key: value.get("string_value", "") for key, value in raw.items()}
+        groups = config.get("instance_group") or [{}]
         return cls(
             _parameter(parameters, "max_num_seqs", DEFAULT_MAX_NUM_SEQS),
             _parameter(parameters, "max_queue_size", DEFAULT_MAX_QUEUE_SIZE),
+            sum(int(group.get("count", 1)) for group in groups),
         )
 
 
@@ -82,12 +90,14 @@ class Reservation:
 
 
 class CapacityGate:
+    """One per server: completions and chat draw on the same slots."""
+
     def __init__(self, backend: TritonBackend) -> None:
-        self._backend = weakref.ref(backend)  # the registry below is keyed by the backend
+        self._backend = backend
         self.in_flight = 0  # sequences of the proxy's admitted requests
         self._capacity: EngineCapacity | None = None
         self._reading: asyncio.Task[EngineCapacity | None] | None = None
-        self._warned = False
+        self._failed_at = float("-inf")  # time.monotonic() of the last failed read
 
     async def reserve(self, n: int, prompts: int) -> Reservation:
         """Slots for n × prompts choices, or a refusal: 400 if they never fit, 503 if not now."""
@@ -109,34 +119,23 @@ class CapacityGate:
         return Reservation(self, sequences)
 
     async def capacity(self) -> EngineCapacity | None:
-        """Read from Triton once; None while it cannot tell (the denoiser's check still holds)."""
-        if self._capacity is None:
+        """Read from Triton once; None while it cannot tell (the denoiser's check still holds).
+
+        A failed read is retried after RETRY_READ_S, not by every request meanwhile.
+        """
+        if self._capacity is None and time.monotonic() - self._failed_at >= RETRY_READ_S:
             if self._reading is None or self._reading.done():
                 self._reading = asyncio.get_running_loop().create_task(self._read())
             self._capacity = await asyncio.shield(self._reading)  # a hang-up does not end the read
         return self._capacity
 
     async def _read(self) -> EngineCapacity | None:
-        backend = self._backend()
-        if backend is None:
-            return None
         try:
-            capacity = EngineCapacity.from_parameters(await backend.denoiser_parameters())
-        except (InferenceServerException, grpc.RpcError, ValueError) as error:
-            if not self._warned:
+            capacity = EngineCapacity.from_model_config(await self._backend.denoiser_config())
+        except (InferenceServerException, grpc.RpcError, ValueError, TypeError) as error:
+            if self._failed_at == float("-inf"):
                 log.warning("the denoiser's capacity is unknown for now: %s", error)
-            self._warned = True
+            self._failed_at = time.monotonic()
             return None
         log.info("the denoiser holds %s sequences", capacity)
         return capacity
-
-
-_GATES: weakref.WeakKeyDictionary[TritonBackend, CapacityGate] = weakref.WeakKeyDictionary()
-
-
-def gate_of(backend: TritonBackend) -> CapacityGate:
-    """The one gate of a backend: completions and chat draw on the same slots."""
-    gate = _GATES.get(backend)
-    if gate is None:
-        gate = _GATES[backend] = CapacityGate(backend)
-    return gate

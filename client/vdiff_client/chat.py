@@ -61,7 +61,14 @@ def render_messages(
 
 def messages_size(messages: list[ChatMessage]) -> int:
     """About the characters a template renders from `messages`, known before rendering them."""
-    return sum(len(message_text(m.content)) + MESSAGE_OVERHEAD for m in messages)
+    return sum(content_chars(m.content) + MESSAGE_OVERHEAD for m in messages)
+
+
+def content_chars(content: str | list[TextPart] | None) -> int:
+    """The characters of `message_text(content)`, without building it."""
+    if content is None or isinstance(content, str):
+        return len(content or "")
+    return sum(len(part.text or "") + 1 for part in content)
 
 
 class ChatServing(Serving):

@@ -75,15 +75,19 @@ class Generation:
         self.tracker = tracker
         self.call = call  # its abort (the shutdown drain) ends the generation with a 503
         self.charge = charge  # the token budget it took; the unused part goes back at the end
-        self.reservation = reservation  # its engine slots, free again once its choices are stopped
+        # its engine slots, released once its streams are cancelled: the stop orders are on their
+        # way then, so the denoiser may still hold a slot for a step and refuse a newcomer (503)
+        self.reservation = reservation
         self.completion_tokens = 0
 
     async def events(self) -> AsyncGenerator[Event, None]:
         """Every choice's responses as they arrive; an error ends it (as an APIError)."""
         queue: asyncio.Queue[Item] = asyncio.Queue()
-        unregister = self.call.on_abort(
-            lambda message: queue.put_nowait((-1, None, TritonRequestError(503, message, "shutdown")))
-        )
+
+        def aborted(message: str) -> None:
+            queue.put_nowait((-1, None, TritonRequestError(503, message, self.call.abort_reason)))
+
+        unregister = self.call.on_abort(aborted)
         tasks = [asyncio.create_task(self._pump(job, queue)) for job in self.jobs]
         unfinished = len(tasks)
         try:

@@ -47,7 +47,10 @@ class BackendWatch:
 
     async def run(self) -> None:
         while True:
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # the watch must outlive any one failure, or liveness goes unchecked
+                log.exception("the backend watch failed to check the denoiser")
             await asyncio.sleep(PING_INTERVAL_S)
 
     async def check(self) -> None:
@@ -68,7 +71,10 @@ class BackendWatch:
             self.dead = True
             log.error("the denoiser stopped answering: %s", failure)
             for listener in self.listeners:
-                listener(failure)
+                try:
+                    listener(failure)
+                except Exception:
+                    log.exception("a listener of the backend's death failed")
 
 
 class HealthCheck:

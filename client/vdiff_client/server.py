@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdiff_client import __version__
 from vdiff_client.calls import Call, Drain, DrainMiddleware, bearer_token, route_path
+from vdiff_client.capacity import CapacityGate
 from vdiff_client.chat import ChatServing, messages_size, render_messages
 from vdiff_client.completions import CompletionServing
 from vdiff_client.config import ProxyConfig
@@ -141,9 +142,11 @@ def build_app(
     drain = Drain(config.shutdown_timeout_s)
     watch = BackendWatch(backend)
     watch.listeners.append(drain.abort_all)
+    drain.backend_failure = lambda: watch.failure if watch.dead else None
     health_check = HealthCheck(backend, tokenizer.encode("ping", False) or [0], watch)
-    completions = CompletionServing(config, backend, tokenizer, metrics, limiter)
-    chat = ChatServing(config, backend, tokenizer, metrics, limiter)
+    capacity = CapacityGate(backend)
+    completions = CompletionServing(config, backend, tokenizer, metrics, limiter, capacity)
+    chat = ChatServing(config, backend, tokenizer, metrics, limiter, capacity)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -153,6 +156,7 @@ def build_app(
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)
         await backend.close()
+        tokenizer.close()
 
     docs = not http.disable_docs
     app = FastAPI(

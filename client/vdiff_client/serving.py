@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from vdiff_client.calls import Call
-from vdiff_client.capacity import Reservation, gate_of
+from vdiff_client.capacity import CapacityGate, Reservation
 from vdiff_client.config import ProxyConfig
 from vdiff_client.errors import APIError, model_not_found
 from vdiff_client.generation import Generation, Prompt, make_jobs
@@ -32,13 +32,14 @@ class Serving:
         tokenizer: ProxyTokenizer,
         metrics: ProxyMetrics,
         limiter: RateLimiter | None = None,
+        capacity: CapacityGate | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.tokenizer = tokenizer
         self.metrics = metrics
         self.limiter = limiter
-        self.capacity = gate_of(backend)
+        self.capacity = capacity or CapacityGate(backend)  # the server passes one for all servings
 
     def check_model(self, name: str | None) -> None:
         """An empty or missing model means the served one, as in vLLM."""

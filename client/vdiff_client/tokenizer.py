@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vdiff_client.errors import bad_request
+from vdiff_client.errors import APIError, bad_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,6 +33,7 @@ UNTRUSTED_TEMPLATE = (
 # client input (characters or ids) short enough to take milliseconds: 0.75 us a character, measured
 SHORT_INPUT = 8_192
 LONG_LANE_NICE = 10  # on a contended core, about a tenth of what a normal thread gets
+MAX_LONG_WAITING = 8  # long jobs queued or running; past it: 503, not an unbounded queue
 
 
 class ProxyTokenizer:
@@ -47,6 +48,7 @@ class ProxyTokenizer:
         # proxy and the event loop come first.
         self._short_lane = ThreadPoolExecutor(1, "tokenize-short")
         self._long_lane = ThreadPoolExecutor(1, "tokenize-long", lower_thread_priority)
+        self._long_waiting = 0  # long jobs queued or running
 
     @classmethod
     def load(
@@ -68,16 +70,28 @@ class ProxyTokenizer:
 
     @functools.cached_property
     def longest_token_chars(self) -> int:
-        """The longest vocabulary entry: no token stands for more characters of text than its entry has."""
-        return max((len(token) for token in self.hf.get_vocab()), default=1)
+        return longest_token_chars(self.hf)
 
     async def run(self, size: int, work: Callable[[], T]) -> T:
         """`work` (tokenizer calls on `size` characters or ids of client input) off the event loop.
 
         Work still queued when its request is cancelled (a client hung up) never runs.
         """
-        lane = self._short_lane if size <= SHORT_INPUT else self._long_lane
-        return await asyncio.get_running_loop().run_in_executor(lane, work)
+        loop = asyncio.get_running_loop()
+        if size <= SHORT_INPUT:
+            return await loop.run_in_executor(self._short_lane, work)
+        if self._long_waiting >= MAX_LONG_WAITING:  # each holds a body of up to 2 MB meanwhile
+            raise APIError(503, f"{self._long_waiting} long inputs are waiting to be tokenized; retry later")
+        self._long_waiting += 1
+        try:
+            return await loop.run_in_executor(self._long_lane, work)
+        finally:
+            self._long_waiting -= 1
+
+    def close(self) -> None:
+        """End the lanes' threads; work still queued is dropped."""
+        for lane in (self._short_lane, self._long_lane):
+            lane.shutdown(wait=False, cancel_futures=True)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens)
@@ -160,10 +174,18 @@ class ProxyTokenizer:
         return text
 
 
+def longest_token_chars(hf: Any) -> int:
+    """The longest vocabulary entry: no token stands for more characters of text than its entry has."""
+    return max((len(token) for token in hf.get_vocab()), default=1)
+
+
 def lower_thread_priority() -> None:
     """LONG_LANE_NICE for the calling thread (on Linux a thread has its own nice value)."""
     if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LONG_LANE_NICE)
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LONG_LANE_NICE)
+        except OSError as error:  # a sandbox may forbid it; the lane still works at normal priority
+            log.warning("could not lower the long tokenizer lane's priority: %s", error)
 
 
 def model_max_length(model_dir: str) -> int | None:

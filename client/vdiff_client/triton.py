@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ REFUSAL_PHRASES = {
     "the server shut down": "shutdown",
 }
 ENSEMBLE_PREFIX = "in ensemble '"
-PING_REQUEST_ID = "vdiff-liveness-ping"  # no request has this id, so the stop order ends nothing
+# no request has this id, so the stop order ends nothing
+PING_REQUEST_ID = f"vdiff-liveness-ping-{secrets.token_hex(8)}"
+STOP_TIMEOUT_S = 5.0  # a stop order to a dead denoiser gets no answer: give up, do not pile up
 # gRPC codes that mean "Triton is not there (now)": the client should retry, maybe elsewhere
 UNREACHABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
@@ -155,12 +158,11 @@ class TritonBackend:
     async def _stop(self, request_id: str) -> None:
         """Tell the denoiser to end `request_id` at its next step (its slot is free after it)."""
         try:
-            async for _, error in self.client.stream_infer(self._stop_order(request_id)):
-                if error is not None:
-                    log.warning("stop order for %s failed: %s", request_id, error.message())
-                break
-        except (InferenceServerException, asyncio.CancelledError) as error:
-            log.warning("stop order for %s not delivered: %s", request_id, error)
+            error = await asyncio.wait_for(self._order_stop(request_id), STOP_TIMEOUT_S)
+            if error is not None:
+                log.warning("stop order for %s failed: %s", request_id, error)
+        except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError, asyncio.CancelledError) as error:
+            log.warning("stop order for %s not delivered: %s", request_id, error or "no answer")
 
     async def ping(self, timeout_s: float) -> str | None:
         """None when the denoiser answers within `timeout_s`; else why it did not.
@@ -170,14 +172,15 @@ class TritonBackend:
         dead stub's model ready, and requests to it wait forever or fail after a second.
         """
         try:
-            return await asyncio.wait_for(self._ping_once(), timeout_s)
+            return await asyncio.wait_for(self._order_stop(PING_REQUEST_ID), timeout_s)
         except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11
             return f"no answer from {self.denoiser!r} within {timeout_s:g} s"
         except (grpc.RpcError, InferenceServerException) as failure:
             return f"Triton is unreachable: {failure}"
 
-    async def _ping_once(self) -> str | None:
-        async for _, error in self.client.stream_infer(self._stop_order(PING_REQUEST_ID)):
+    async def _order_stop(self, request_id: str) -> str | None:
+        """Send a stop order for `request_id`; None when the denoiser accepts it, else why not."""
+        async for _, error in self.client.stream_infer(self._stop_order(request_id)):
             return None if error is None else error.message()
         return "Triton closed the stream without an answer"
 
@@ -211,11 +214,11 @@ class TritonBackend:
             await self._client.close()
             self._client = None
 
-    async def denoiser_parameters(self) -> dict[str, str]:
-        """The denoiser's config.pbtxt `parameters` as Triton loaded them (string values)."""
+    async def denoiser_config(self) -> dict[str, Any]:
+        """The denoiser's config as Triton loaded it (parameters, instance groups)."""
         reply = await self.client.get_model_config(self.denoiser, as_json=True, client_timeout=5.0)
-        parameters = reply.get("config", {}).get("parameters", {})
-        return {key: value.get("string_value", "") for key, value in parameters.items()}
+        config: dict[str, Any] = reply.get("config", {})
+        return config
 
 
 def _delta(result: Any) -> Delta:

@@ -14,22 +14,13 @@ from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from clients import processes_mentioning
+from clients import backend_stub, processes_mentioning
 from command_harness import start_vdiff, wait_healthy
 from vdiff.serve.stack import BACKEND_EXIT_WITHIN_S
 
 HEALTH_WITHIN_S = 5.0
-
-
-def denoiser_stub(workdir: Path) -> psutil.Process:
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(process.info["cmdline"] or [])
-        if "triton_python_backend_stub" in cmdline and f"{workdir}/" in cmdline and "/diffusion_denoise/" in cmdline:
-            return process
-    raise AssertionError(f"no diffusion_denoise stub under {workdir}")
 
 
 def stream_in_thread(url: str, body: dict[str, object], started: threading.Event) -> Future[str]:
@@ -72,7 +63,7 @@ def test_a_lost_denoiser_stub_fails_health_ends_requests_and_exits(
         body = {"model": "tiny", "prompt": "Hello", "max_tokens": 400, "stream": True, "ignore_eos": True}
         in_flight = stream_in_thread(f"http://127.0.0.1:{port}/v1/completions", body, started)
         assert started.wait(60)
-        denoiser_stub(tmp_path).send_signal(how)
+        backend_stub(tmp_path, "diffusion_denoise").send_signal(how)
         lost = time.monotonic()
         assert seconds_until_unhealthy(port, lost) < HEALTH_WITHIN_S
         answer = in_flight.result(timeout=HEALTH_WITHIN_S)

@@ -57,7 +57,10 @@ def test_the_defaults_are_the_backends() -> None:
     assert settings.max_num_seqs == DEFAULT_MAX_NUM_SEQS
     assert settings.max_queue_size == DEFAULT_MAX_QUEUE_SIZE
     parameters = {"max_num_seqs": "${max_num_seqs}", "max_queue_size": " 3 "}
-    assert EngineCapacity.from_parameters(parameters) == EngineCapacity(DEFAULT_MAX_NUM_SEQS, 3)
+    config = {"parameters": {key: {"string_value": value} for key, value in parameters.items()}}
+    assert EngineCapacity.from_model_config(config) == EngineCapacity(DEFAULT_MAX_NUM_SEQS, 3)
+    two = config | {"instance_group": [{"count": 2, "kind": "KIND_MODEL"}]}
+    assert EngineCapacity.from_model_config(two).sequences == 2 * (DEFAULT_MAX_NUM_SEQS + 3)
 
 
 def test_more_choices_than_it_holds_is_400_at_once(proxy: Proxy, triton_server: Server) -> None:

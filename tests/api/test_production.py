@@ -166,7 +166,8 @@ def test_drain_aborts_what_outlives_the_shutdown_timeout(triton_server: Server, 
 
 
 def test_health_runs_a_cached_probe_through_the_engine(proxy: Proxy, triton_server: Server) -> None:
-    served = 'nv_inference_request_success{model="diffusion_denoise",version="1"}'
+    # the ensemble's count: the liveness pings go to diffusion_denoise directly, once a second
+    served = 'nv_inference_request_success{model="vdiff",version="1"}'
     time.sleep(5.1)  # past any cached answer
     before = read_metric(triton_server.metrics, served)
     assert [httpx.get(f"{proxy.url}/health").status_code for _ in range(3)] == [200] * 3

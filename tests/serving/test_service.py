@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from vdiff import LLM, SamplingParams
 from vdiff.backend.detokenize import text_delta
 from vdiff.backend.inputs import StreamOptions
 from vdiff.backend.service import DenoiseService, ErrorKind, ServiceError, Update
-from vdiff.config import EngineConfig
+from vdiff.config import DEFAULT_MAX_STOP_STRINGS, EngineConfig
 from vdiff.engine import Engine
 from vdiff.tokenizer import Tokenizer
 
@@ -106,7 +107,7 @@ def test_stop_by_client_id_ends_the_stream_with_abort(service: DenoiseService) -
         ({"max_tokens": 100000}, "input 'max_tokens'"),
         ({"steps": 2**31 - 1}, "input 'steps'"),
         ({"block_length": 2**31 - 1}, "input 'block_length'"),
-        ({"stop": ("x",) * 65}, "input 'stop_words'"),
+        ({"stop": ("x",) * (DEFAULT_MAX_STOP_STRINGS + 1)}, "input 'stop_words'"),
         ({"stop_token_ids": (10**6,)}, "input 'stop_token_ids'"),
         ({"algorithm": "origin", "steps": 513}, "max_sequence_length (512)"),
     ],
@@ -120,6 +121,26 @@ def test_engine_refusals_are_raised_at_submit_and_take_no_slot(
     assert refused.value.kind is ErrorKind.INVALID_ARG and named in str(refused.value)
     assert service.in_flight == 0
     assert submit(service, "x", max_tokens=4).done.wait(30)  # still serving
+
+
+def test_a_refusal_does_not_wait_for_the_step_in_flight(service: DenoiseService) -> None:
+    """The engine's checks run on the submitting thread, not after the engine thread's step."""
+    stepping, real_step = threading.Event(), service.engine.step
+
+    def slow_step() -> list:
+        if not stepping.is_set():
+            stepping.set()
+            time.sleep(2.0)  # one long forward, as a large model's is
+        return real_step()
+
+    service.engine.step = slow_step  # type: ignore[method-assign]
+    busy = submit(service, "keep busy", max_tokens=8)
+    assert stepping.wait(30)
+    started = time.perf_counter()
+    with pytest.raises(ServiceError, match="input 'steps'"):
+        submit(service, "x", steps=2**31 - 1)
+    assert time.perf_counter() - started < 0.5
+    assert busy.done.wait(60)
 
 
 def test_shutdown_lets_running_requests_finish_and_refuses_new_ones(tiny_llada: Path) -> None:

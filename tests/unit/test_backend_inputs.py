@@ -11,8 +11,11 @@ from tritonclient.grpc import model_config_pb2
 
 from vdiff.backend.inputs import LIST_OPTIONS, OPTIONS, InvalidInputError, name_inputs, parse_options, text_input
 from vdiff.backend.settings import BackendSettings
+from vdiff.bounds import RequestBounds
 from vdiff.serve.cli import model_parameters, openai_parser, triton_parser
 from vdiff.serve.repository import SOURCE, read_parameters, render_repository, set_parameters
+
+BOUNDS = RequestBounds(max_sequence_length=512, vocab_size=390, longest_token_chars=16)
 
 
 def one(value: object, dtype: object) -> np.ndarray:
@@ -35,7 +38,8 @@ def test_every_option_reaches_sampling_params() -> None:
             "cfg_scale": one(1.5, np.float32),
             "stream": one(True, np.bool_),
             "exclude_input_in_output": one(False, np.bool_),
-        }
+        },
+        BOUNDS,
     )
     assert (params.max_tokens, params.temperature, params.top_p, params.top_k) == (64, 0.5, 0.75, 20)
     assert (params.seed, params.stop, params.ignore_eos) == (2**40, ("\n", "END"), True)
@@ -44,7 +48,7 @@ def test_every_option_reaches_sampling_params() -> None:
 
 
 def test_absent_options_take_the_defaults() -> None:
-    params, stream = parse_options({})
+    params, stream = parse_options({}, BOUNDS)
     assert params.max_tokens is None and params.temperature is None and params.stop == ()
     assert not stream.stream and not stream.echo
 
@@ -63,7 +67,7 @@ def test_absent_options_take_the_defaults() -> None:
 )
 def test_bad_options_name_the_input(inputs: dict, message: str) -> None:
     with pytest.raises(InvalidInputError) as error:
-        parse_options(inputs)
+        parse_options(inputs, BOUNDS)
     assert message in str(error.value)
 
 

@@ -65,23 +65,19 @@ class StreamOptions:
     echo: bool = False  # put the prompt text before the first text delta
 
 
-def parse_options(
-    inputs: Mapping[str, np.ndarray], bounds: RequestBounds | None = None
-) -> tuple[SamplingParams, StreamOptions]:
+def parse_options(inputs: Mapping[str, np.ndarray], bounds: RequestBounds) -> tuple[SamplingParams, StreamOptions]:
     """SamplingParams and stream options from the request's tensors (absent inputs take defaults).
 
-    With `bounds`, every value that sizes work is checked, list sizes before they become tuples.
+    Every value that sizes work is checked within `bounds`, list sizes before they become tuples.
     """
-    if bounds is not None:
-        _check_list_sizes(inputs, bounds)
+    _check_list_sizes(inputs, bounds)
     values = {option.name: _value(option, inputs[option.name]) for option in OPTIONS if option.name in inputs}
     fields = {o.field: values[o.name] for o in OPTIONS if o.field is not None and o.name in values}
     try:
         params = SamplingParams(**fields)
     except ValueError as error:
         raise InvalidInputError(name_inputs(str(error))) from None
-    if bounds is not None:
-        _check_bounds(params, bounds)
+    _check_bounds(params, bounds)
     stream = StreamOptions(stream=values.get("stream", False), echo=not values.get("exclude_input_in_output", True))
     return params, stream
 
@@ -94,18 +90,24 @@ def prompt_ids(
     Lengths are checked before the work they size: a text too long for the model is not tokenized.
     """
     if "input_ids" not in inputs:
-        text = text_input(inputs)
-        if len(text) > bounds.max_text_chars:
-            raise InvalidInputError(
-                f"input 'text_input' holds {len(text)} characters, more than the model's "
-                f"max_sequence_length ({bounds.max_sequence_length}) tokens can hold"
-            )
-        ids = encode(text)
+        ids = encode(bounded_text(inputs, bounds))
         _check_prompt_length("text_input", len(ids), bounds)
         return ids
     if "text_input" in inputs:
         raise InvalidInputError("send the prompt as 'text_input' or as 'input_ids', not both")
     return input_ids(inputs, bounds)
+
+
+def bounded_text(inputs: Mapping[str, np.ndarray], bounds: RequestBounds) -> str:
+    """`text_input`, refused when it holds more characters than a prompt's tokens can."""
+    text = text_input(inputs)
+    if len(text) > bounds.max_prompt_chars:
+        raise InvalidInputError(
+            f"input 'text_input' holds {len(text)} characters, more than the "
+            f"{bounds.max_prompt_tokens} tokens the model's max_sequence_length "
+            f"({bounds.max_sequence_length}) leaves for a prompt can hold"
+        )
+    return text
 
 
 def input_ids(inputs: Mapping[str, np.ndarray], bounds: RequestBounds) -> list[int]:
@@ -118,8 +120,8 @@ def input_ids(inputs: Mapping[str, np.ndarray], bounds: RequestBounds) -> list[i
     for index, token in enumerate(ids):
         if not 0 <= token < bounds.vocab_size:
             raise InvalidInputError(
-                f"input 'input_ids'[{index}]: token id {token} is out of vocabulary (ids run from 0 to "
-                f"{bounds.vocab_size - 1})"
+                f"input 'input_ids'[{index}]: token id {token} is out of vocabulary "
+                f"(ids run from 0 to {bounds.vocab_size - 1})"
             )
     return ids
 

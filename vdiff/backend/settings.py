@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from vdiff.assets import DEFAULT_MODEL
-from vdiff.config import EngineConfig
+from vdiff.config import DEFAULT_MAX_STOP_STRINGS, EngineConfig
 
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
@@ -32,7 +32,7 @@ class BackendSettings:
     max_num_batched_tokens: int | None = None
     torch_num_threads: int = 0  # 0: torch's default (one per core)
     seed: int = 0
-    max_stop_strings: int = 64  # stop strings one request may bring
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS  # stop strings one request may bring
     shutdown_timeout_s: float = 30.0  # how long unloading waits for requests in flight
     denoiser_model: str = "diffusion_denoise"  # where the detokenizer sends stop orders
 

@@ -23,7 +23,8 @@ CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 SINGLE_WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-# config.json keys that bound the sequence, most specific first; remote code without one gets the fallback
+# config.json keys that bound the sequence, most specific first; remote code without one gets
+# the fallback
 LENGTH_KEYS = ("max_sequence_length", "max_position_embeddings", "n_positions", "seq_length")
 FALLBACK_MAX_LENGTH = 4096
 
@@ -44,7 +45,11 @@ class Checkpoint:
 
     @property
     def max_length(self) -> int:
-        """The positions config.json allows: what the loaded model reports, without loading it."""
+        """The positions config.json names (its first length key), without loading the model.
+
+        Where it names none, remote code's fallback; a native model's own default may be smaller,
+        so this is an upper bound for early checks, and the loaded model's length is the rule.
+        """
         return config_max_length(self.config)
 
     @classmethod

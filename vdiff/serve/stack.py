@@ -24,8 +24,9 @@ from vdiff_client.health import DEAD_WITHIN_S
 
 KILL_GRACE_S = 15  # past Triton's own exit timeout
 DEAD_BACKEND_STOP_S = 5  # a tritonserver whose stub died waits on it forever: SIGTERM, then kill
-# the documented bound: noticing, the aborted calls' last events, uvicorn's stop, Triton's stop
-BACKEND_EXIT_WITHIN_S = DEAD_WITHIN_S + 2 * ABORT_GRACE_S + DEAD_BACKEND_STOP_S
+# the documented bound: noticing; the drain (a grace for the ended calls' last events, then
+# aborts and a second grace); uvicorn's graceful stop; Triton's stop
+BACKEND_EXIT_WITHIN_S = DEAD_WITHIN_S + 3 * ABORT_GRACE_S + DEAD_BACKEND_STOP_S
 
 
 class TritonWatch:
@@ -72,7 +73,8 @@ class BackendDeath:
         self.reason = reason
         self.out.write(f"the denoiser stopped answering ({reason}); exiting so that a supervisor restarts vdiff\n")
         self.out.flush()
-        self.server.drain.begin()  # new requests 503; the ones in flight were just ended
+        # new requests 503; the ones in flight were just ended and get a moment to say so
+        self.server.drain.begin(ABORT_GRACE_S)
 
 
 def run_stack(triton: TritonProcess, server: ProxyServer, url: str, out: TextIO = sys.stderr) -> int:
@@ -86,9 +88,11 @@ def run_stack(triton: TritonProcess, server: ProxyServer, url: str, out: TextIO 
         try:
             server.run()
         finally:  # also when uvicorn could not bind its port and exits
-            code = _stop_triton(triton, DEAD_BACKEND_STOP_S if death.reason else timeout + KILL_GRACE_S)
+            wait_s = DEAD_BACKEND_STOP_S if death.reason else timeout + KILL_GRACE_S
+            code = _stop_triton(triton, wait_s)
     if death.reason is not None:
-        out.write(f"\ntritonserver's last lines (full log: {triton.log_path}):\n{triton.last_lines()}\n")
+        out.write(f"\ntritonserver's last lines (full log: {triton.log_path}):\n")
+        out.write(triton.last_lines() + "\n")
         return 1
     if watch.died or code not in (0, None):
         out.write(f"\ntritonserver exited with code {code}; its last lines (full log: {triton.log_path}):\n")

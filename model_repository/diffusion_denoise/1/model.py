@@ -5,7 +5,7 @@ import json
 import torch
 import triton_python_backend_utils as pb_utils
 
-from vdiff.backend.inputs import InvalidInputError, input_ids, parse_options, text_input
+from vdiff.backend.inputs import InvalidInputError, bounded_text, input_ids, parse_options
 from vdiff.backend.metrics import TritonMetrics
 from vdiff.backend.service import DenoiseService, ErrorKind, ServiceError
 from vdiff.backend.settings import BackendSettings
@@ -57,9 +57,10 @@ class TritonPythonModel:
                 return
             if "input_ids" not in inputs:
                 raise InvalidInputError("input 'input_ids' is required (the prompt's token ids)")
-            params, options = parse_options(inputs, self.service.engine.bounds)
-            echo = text_input(inputs) if options.echo else ""
-            ids = input_ids(inputs, self.service.engine.bounds)
+            bounds = self.service.engine.bounds
+            ids = input_ids(inputs, bounds)
+            params, options = parse_options(inputs, bounds)
+            echo = bounded_text(inputs, bounds) if options.echo else ""
             self.service.submit(request.request_id(), ids, echo, params, options, sink)
         except InvalidInputError as error:
             sink.fail(ErrorKind.INVALID_ARG, str(error))
@@ -70,7 +71,8 @@ class TritonPythonModel:
         if not request_id:
             raise InvalidInputError("input 'stop': a stop request needs the id of the request to stop")
         if not self.service.alive:  # stop orders double as the proxy's liveness pings
-            raise ServiceError(ErrorKind.UNAVAILABLE, "the denoising service's threads have stopped")
+            message = "the denoising service's threads have stopped"
+            raise ServiceError(ErrorKind.UNAVAILABLE, message)
         self.service.stop(request_id)
         sink.sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
 
