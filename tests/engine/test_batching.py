@@ -102,13 +102,13 @@ def test_max_num_seqs_caps_the_running_set_and_admits_in_arrival_order(tiny_llad
 def test_every_running_request_shares_one_forward(llada_llm: LLM) -> None:
     engine = llada_llm.engine
     calls = []
-    forward = engine.model.forward
+    forward = engine.model.hidden_states  # the engine's forward: the head runs on the rows read
 
     def counting_forward(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(args[0].shape)
         return forward(*args, **kwargs)
 
-    engine.model.forward = counting_forward
+    engine.model.hidden_states = counting_forward
     try:
         for i in range(4):
             engine.add_request(
@@ -117,7 +117,7 @@ def test_every_running_request_shares_one_forward(llada_llm: LLM) -> None:
         while engine.has_unfinished():
             engine.step()
     finally:
-        del engine.model.forward
+        del engine.model.hidden_states
     assert [tuple(shape) for shape in calls] == [(4, 14)] * 8  # 4 canvases, longest 6 + 8, for each of 8 steps
 
 

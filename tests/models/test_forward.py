@@ -11,6 +11,7 @@ from vdiff.models import canvas_logits, load_model
 from vdiff.models.configs import DreamConfig
 from vdiff.models.dream import DreamModel
 from vdiff.models.layers import RMSNorm, Rotary
+from vdiff.runner import head_on_rows
 
 ATOL = 1e-5
 
@@ -150,3 +151,20 @@ def test_flash_attention_matches_sdpa_on_cuda(tiny_model_dir: Path, monkeypatch:
     with_sdpa = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(with_flash[0, 4:].float(), with_sdpa[0, 4:].float(), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(with_flash[1].float(), with_sdpa[1].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_head_on_a_few_rows_equals_the_whole_canvas_head(tiny_model_dir: Path, dtype: str) -> None:
+    """What the engine relies on: logits of the rows a strategy reads, computed alone, are the bits
+    of the whole-canvas head, for every row count (the runner's minimum row tile)."""
+    model = load_model(tiny_model_dir, dtype=dtype, device="cpu")
+    ids = torch.cat([prompt_ids(48, seed=11), prompt_ids(48, seed=12)]).view(2, 48)
+    with torch.inference_mode():
+        hidden = model.hidden_states(ids)  # (2, 48, D)
+        full = model(ids).logits.reshape(96, -1)
+        assert torch.equal(model.head(hidden).reshape(96, -1), full)
+        flat = hidden.reshape(96, -1)
+        generator = torch.Generator().manual_seed(0)
+        for count in range(1, 41):
+            rows = torch.randperm(96, generator=generator)[:count]
+            assert torch.equal(head_on_rows(model.head, flat[rows]), full[rows]), count

@@ -35,6 +35,9 @@ class DiffusionLM(Protocol):
     supports_kv_cache: bool  # takes `kv` (vdiff/kv_cache.py): vdiff's native models do
     # honours AttentionMask.sequences and RowTiles (vdiff/models/invariant.py): native models do
     supports_batch_invariance: bool
+    # `hidden_states` and `head` split the forward, so the engine runs the LM head only on the
+    # rows a strategy reads (for LLaDA-8B's 126,464-token head, most of a step): native models do
+    supports_row_head: bool
 
     def __call__(
         self,
@@ -44,12 +47,23 @@ class DiffusionLM(Protocol):
         kv: BatchKV | None = None,
     ) -> DiffusionLMOutput: ...
 
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | AttentionMask | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
+    ) -> Tensor: ...
+
+    def head(self, hidden: Tensor) -> Tensor: ...
+
 
 class HFStyleModel(nn.Module):
     """`device` and `dtype` as transformers models expose them (reference samplers read model.device)."""
 
     supports_kv_cache = True
     supports_batch_invariance = True
+    supports_row_head = True
 
     @property
     def device(self) -> torch.device:

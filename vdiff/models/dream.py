@@ -11,6 +11,8 @@ that Dream's sampler applies lives in `vdiff.models.base.canvas_logits` (`logits
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import Tensor, nn
 
 from vdiff.kv_cache import BatchKV, LayerKV
@@ -111,4 +113,17 @@ class DreamModel(HFStyleModel):
         position_ids: Tensor | None = None,
         kv: BatchKV | None = None,
     ) -> DiffusionLMOutput:
-        return DiffusionLMOutput(self.lm_head(self.model(input_ids, attention_mask, position_ids, kv)))
+        return DiffusionLMOutput(self.head(self.hidden_states(input_ids, attention_mask, position_ids, kv)))
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | AttentionMask | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
+    ) -> Tensor:
+        """(B, L, hidden): what the LM head turns into logits, row for row."""
+        return cast(Tensor, self.model(input_ids, attention_mask, position_ids, kv))
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return cast(Tensor, self.lm_head(hidden))

@@ -75,9 +75,13 @@ class LLaDAModel(nn.Module):
         mask = AttentionMask.from_hf(attention_mask)
         for i, block in enumerate(cast(nn.ModuleList, self.transformer["blocks"])):
             x = block(x, rotary, mask, None if kv is None else kv.layer(i))
-        x = self.transformer["ln_f"](x)
+        return cast(Tensor, self.transformer["ln_f"](x))  # (B, L, d_model)
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """(..., d_model) final hidden states -> (..., embedding_size) logits."""
+        config = self.config
         head = self.transformer["wte"] if config.weight_tying else self.transformer["ff_out"]
-        logits = F.linear(x, cast(Tensor, head.weight), getattr(head, "bias", None))  # (B, L, embedding_size)
+        logits = F.linear(hidden, cast(Tensor, head.weight), getattr(head, "bias", None))
         return logits / math.sqrt(config.d_model) if config.scale_logits else logits
 
 
@@ -106,4 +110,17 @@ class LLaDAModelLM(HFStyleModel):
         position_ids: Tensor | None = None,
         kv: BatchKV | None = None,
     ) -> DiffusionLMOutput:
-        return DiffusionLMOutput(self.model(input_ids, attention_mask, position_ids, kv))
+        return DiffusionLMOutput(self.head(self.hidden_states(input_ids, attention_mask, position_ids, kv)))
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | AttentionMask | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
+    ) -> Tensor:
+        """(B, L, d_model): what the LM head turns into logits, row for row."""
+        return cast(Tensor, self.model(input_ids, attention_mask, position_ids, kv))
+
+    def head(self, hidden: Tensor) -> Tensor:
+        return self.model.head(hidden)

@@ -24,6 +24,7 @@ class RemoteCodeModel(HFStyleModel):
     logits_shift = 0
     supports_kv_cache = False  # the checkpoint's own attention knows nothing of vdiff's windows
     supports_batch_invariance = False  # nor of per-row attention: batch-invariant mode runs it row by row
+    supports_row_head = False  # its forward returns logits of every position
 
     def __init__(self, inner: nn.Module, config: dict[str, Any]) -> None:
         super().__init__()
