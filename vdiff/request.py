@@ -16,10 +16,9 @@ from torch import Tensor
 
 from vdiff.kv_cache import RequestKV
 from vdiff.sampling_params import SamplingParams
-from vdiff.verifier import VerifierState
 
 if TYPE_CHECKING:
-    from vdiff.decoding.base import DecodingStrategy
+    from vdiff.decoding.base import DecodingStrategy, StrategyState
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -43,17 +42,10 @@ class Request:
     arrival_time: float = 0.0  # time.perf_counter() when it reached the engine (or its server)
     scheduled_time: float | None = None  # when the scheduler admitted it to the running batch
 
-    # schedule position, advanced by the strategy
-    block: int = 0
-    step: int = 0  # step within the current block (LLaDA) or of the whole schedule (Dream)
-    window_end: int = 0  # canvas positions before this one may be committed in the next step
-    transfer_plan: list[int] = field(default_factory=list)  # tokens to commit at each step of the block
-    timesteps: Tensor | None = None  # (steps + 1,) float32 diffusion times t, for schedules that use them
-    schedule_done: bool = False
+    # the strategy's own progress (set at admission), and what the engine and runner read of it
+    state: StrategyState | None = None
+    schedule_done: bool = False  # every generated position is final
     kv: RequestKV | None = None  # keys and values of the canvas, for strategies that keep them
-    cursor: int = 0  # APD: the first masked position; everything before it is final
-    accepted: int = 0  # APD: tokens the last round accepted
-    verifier: VerifierState | None = None  # APD: the verifier's cache of this request
 
     # the generated positions as a Python list (mask id until committed), so that finding the
     # stable prefix and reading new tokens costs no tensor op
@@ -107,7 +99,8 @@ class Request:
         return self.status is RequestStatus.FINISHED
 
     def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
-        self.kv = self.verifier = None  # the caches are the bulk of a request's memory; they go with its last step
+        # the caches (keys and values, APD's verifier state) are the bulk of a request's memory
+        self.kv = self.state = None
         self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason

@@ -29,7 +29,7 @@ class Scheduler:
             request = self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             request.scheduled_time = time.perf_counter()
-            request.strategy.start(request)
+            request.state = request.strategy.start(request)
             self.running.append(request)
         return self.running
 

@@ -123,7 +123,8 @@ def test_every_request_of_a_mixed_batch_equals_itself_alone(invariant_llm: LLM) 
 
 def remember_caches(running: list[Any], held: list[weakref.ref[Any]]) -> None:
     for request in running:
-        for state in (request.kv, request.verifier and request.verifier.cache):
+        verifier = getattr(request.state, "verifier", None)  # APD's progress holds the verifier's cache
+        for state in (request.kv, verifier and verifier.cache):
             if state is not None and all(ref() is not state for ref in held):
                 held.append(weakref.ref(state))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vdiff.decoding.dream import _reveal_count
+from vdiff.decoding.dream import DiffusionTimes, _reveal_count
 from vdiff.decoding.llada import factor_count, threshold_count
 from vdiff.decoding.ops import top_k_filter, top_p_filter, transfer_counts
 
@@ -17,21 +17,21 @@ def test_llada_transfer_counts_give_the_remainder_to_the_earliest_steps() -> Non
 
 
 class _Step:
-    """The two fields of a Request that Dream's reveal count reads."""
+    """The fields of a Request that Dream's reveal count reads."""
 
     def __init__(self, steps: int, eps: float) -> None:
         from vdiff import SamplingParams
 
+        self.request_id = "schedule"
         self.params = SamplingParams(steps=steps, eps=eps)
-        self.timesteps = torch.linspace(1, eps, steps + 1)
-        self.step = 0
+        self.state = DiffusionTimes(torch.linspace(1, eps, steps + 1))
 
 
 def dream_schedule(length: int, steps: int) -> list[int]:
-    state, masked, counts = _Step(steps, 1e-3), length, []
+    request, masked, counts = _Step(steps, 1e-3), length, []
     for i in range(steps):
-        state.step = i
-        counts.append(_reveal_count(state, masked))  # type: ignore[arg-type]
+        request.state.step = i
+        counts.append(_reveal_count(request, masked))  # type: ignore[arg-type]
         masked -= counts[-1]
     return counts
 

@@ -28,12 +28,13 @@ come from the vocabulary both models share (the rows past it are padding the ver
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from vdiff.decoding.base import DecodingStrategy, register
+from vdiff.decoding.base import DecodingStrategy, StrategyState, register, state_of
 from vdiff.decoding.ops import commit, span_candidates, top_k_filter, top_p_filter
 from vdiff.kv_cache import Window
 from vdiff.verifier import Verifier, VerifierState
@@ -44,6 +45,15 @@ if TYPE_CHECKING:
     from vdiff.sampling_params import SamplingDefaults, SamplingParams
 
 DEFAULT_MIXTURE_WEIGHT = 0.7  # the APD README's demo setting (R = 0.7, W = 16, M = 100)
+
+
+@dataclass
+class APDProgress(StrategyState):
+    """Where a request is in APD's left-to-right rounds."""
+
+    cursor: int  # the first masked position; everything before it is final
+    accepted: int = 0  # tokens the last round accepted
+    verifier: VerifierState = field(default_factory=VerifierState)  # the verifier's cache of it
 
 
 @register
@@ -76,20 +86,19 @@ class AdaptiveParallelDecoding(DecodingStrategy):
         assert params.max_tokens is not None
         return params.max_tokens
 
-    def start(self, request: Request) -> None:
-        request.cursor = request.prompt_len
-        request.accepted = 0
-        request.verifier = VerifierState()
+    def start(self, request: Request) -> APDProgress:
+        return APDProgress(cursor=request.prompt_len)
 
     def window(self, request: Request) -> Window:
         length, right = request.canvas_len, _lookahead_end(request)
         kv_window = request.params.apd_kv_window
         if kv_window is None or request.kv is None:
             return Window(0, right, length, right)
+        progress = state_of(request, APDProgress)
         # W - 1 positions before the previous cursor, so the tokens accepted since are fed fresh;
         # left < cursor, so a shifted family's scoring row for the cursor is fed already
-        left = max(request.cursor - kv_window - request.accepted + 1, 0)
-        return Window(left, right, length, right, reads=request.cursor)
+        left = max(progress.cursor - kv_window - progress.accepted + 1, 0)
+        return Window(left, right, length, right, reads=progress.cursor)
 
     def keeps_cache(self, params: SamplingParams) -> bool:
         return params.apd_kv_window is not None
@@ -100,7 +109,7 @@ class AdaptiveParallelDecoding(DecodingStrategy):
     def step(self, batch: StepBatch, rows: list[int]) -> None:
         requests = [batch.requests[r] for r in rows]
         assert batch.verifier is not None, "the engine refuses APD requests without a verifier"
-        spans = [(r.cursor, _lookahead_end(r)) for r in requests]
+        spans = [(state_of(r, APDProgress).cursor, _lookahead_end(r)) for r in requests]
         candidates = span_candidates(batch.input_ids, rows, requests, spans)
         logits = batch.logits_at(candidates)  # (N, V)
         drafts, picks = [], []
@@ -110,14 +119,15 @@ class AdaptiveParallelDecoding(DecodingStrategy):
             picks.append(candidates.cols[seg][:accepted])
         commit(batch.input_ids, candidates, torch.cat(drafts), picks)
         for request, pick in zip(requests, picks, strict=True):
-            request.accepted = len(pick)
-            request.cursor += request.accepted
-            request.schedule_done = request.cursor == request.canvas_len
+            progress = state_of(request, APDProgress)
+            progress.accepted = len(pick)
+            progress.cursor += progress.accepted
+            request.schedule_done = progress.cursor == request.canvas_len
 
 
 def _lookahead_end(request: Request) -> int:
-    lookahead = request.params.apd_max_lookahead
-    return request.canvas_len if lookahead is None else min(request.cursor + lookahead, request.canvas_len)
+    lookahead, cursor = request.params.apd_max_lookahead, state_of(request, APDProgress).cursor
+    return request.canvas_len if lookahead is None else min(cursor + lookahead, request.canvas_len)
 
 
 def _round(verifier: Verifier, request: Request, logits: Tensor) -> tuple[Tensor, int]:
@@ -129,8 +139,8 @@ def _round(verifier: Verifier, request: Request, logits: Tensor) -> tuple[Tensor
     logits[:, verifier.vocab_size :] = never  # rows past the shared vocabulary (padding) the verifier cannot read
     noise = _gumbel(logits.shape, request) if params.temperature else None
     draft = _draw(logits, noise, params)
-    assert request.verifier is not None
-    verified = verifier.score(request.verifier, request.canvas, draft, request.cursor).float()  # (n, V')
+    progress = state_of(request, APDProgress)
+    verified = verifier.score(progress.verifier, request.canvas, draft, progress.cursor).float()  # (n, V')
     width = min(logits.shape[-1], verified.shape[-1])
     weight = params.apd_mixture_weight
     assert weight is not None
@@ -139,7 +149,7 @@ def _round(verifier: Verifier, request: Request, logits: Tensor) -> tuple[Tensor
     agree = draft == choice
     agree[0] = True  # every round commits at least one token
     accepted = int(agree.long().cumprod(0).sum())
-    verifier.accept(request.verifier, request.cursor, accepted)
+    verifier.accept(progress.verifier, progress.cursor, accepted)
     return draft, accepted
 
 

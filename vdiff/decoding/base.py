@@ -3,8 +3,10 @@
 A strategy owns one family of schedules: it resolves the parameters it reads, sets up a request's
 schedule when the request is admitted, names the canvas window whose logits its next step reads
 (the whole canvas unless the request caches), and once per engine step commits tokens on the
-canvases of all its requests from one shared forward pass. Strategies are stateless; everything
-that changes lives on the Request, so one instance serves every request that names it. The engine and the
+canvases of all its requests from one shared forward pass. Strategies are stateless: `start`
+returns the request's own progress as a typed `StrategyState` that the Request carries (blocks and
+their plan, diffusion times, APD's cursor and verifier cache), so one instance serves every
+request that names it. The engine and the
 scheduler only ever call these methods, so new strategies (threshold decoding, cached
 forwards, APD) slot in without touching either.
 """
@@ -22,6 +24,20 @@ if TYPE_CHECKING:
     from vdiff.sampling_params import SamplingDefaults, SamplingParams
 
 
+class StrategyState:
+    """One request's progress through its strategy's schedule; each strategy subclasses it."""
+
+
+ST = TypeVar("ST", bound=StrategyState)
+
+
+def state_of(request: Request, kind: type[ST]) -> ST:
+    """The request's state, as the strategy that started it made it."""
+    state = request.state
+    assert isinstance(state, kind), f"{request.request_id} carries {type(state).__name__}, not {kind.__name__}"
+    return state
+
+
 class DecodingStrategy(ABC):
     name: ClassVar[str]  # the SamplingParams.algorithm value that selects it
     needs_verifier: ClassVar[bool] = False  # True: the engine must hold an autoregressive verifier
@@ -35,8 +51,8 @@ class DecodingStrategy(ABC):
         """Generated canvas positions for resolved params (max_tokens, rounded up if the schedule needs it)."""
 
     @abstractmethod
-    def start(self, request: Request) -> None:
-        """Set the schedule of a newly admitted request."""
+    def start(self, request: Request) -> StrategyState:
+        """The schedule of a newly admitted request, at its beginning."""
 
     def window(self, request: Request) -> Window:
         """The canvas positions the next forward feeds for this request and the keys they attend to."""

@@ -13,12 +13,13 @@ ranked the masks of a whole batch together, which no continuous batcher can repr
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from vdiff.decoding.base import DecodingStrategy, refuse_apd_fields, register
+from vdiff.decoding.base import DecodingStrategy, StrategyState, refuse_apd_fields, register, state_of
 from vdiff.decoding.ops import (
     Candidates,
     commit,
@@ -33,6 +34,14 @@ if TYPE_CHECKING:
     from vdiff.request import Request
     from vdiff.runner import StepBatch
     from vdiff.sampling_params import SamplingDefaults, SamplingParams
+
+
+@dataclass
+class DiffusionTimes(StrategyState):
+    """Where a request is on Dream's time grid."""
+
+    timesteps: Tensor  # (steps + 1,) float32 diffusion times t, linspace(1, eps) as published
+    step: int = 0  # steps taken; the next one goes from timesteps[step] to timesteps[step + 1]
 
 
 class DreamSampler(DecodingStrategy):
@@ -58,22 +67,21 @@ class DreamSampler(DecodingStrategy):
         assert params.max_tokens is not None
         return params.max_tokens
 
-    def start(self, request: Request) -> None:
+    def start(self, request: Request) -> DiffusionTimes:
         steps, eps = request.params.steps, request.params.eps
         assert steps is not None and eps is not None
-        request.step = 0
-        request.window_end = request.canvas_len
-        request.timesteps = torch.linspace(1, eps, steps + 1, device=request.canvas.device)
+        return DiffusionTimes(torch.linspace(1, eps, steps + 1, device=request.canvas.device))
 
     def step(self, batch: StepBatch, rows: list[int]) -> None:
         requests = [batch.requests[r] for r in rows]
-        candidates = masked_candidates(batch.input_ids, rows, requests)
+        candidates = masked_candidates(batch.input_ids, rows, requests, [r.canvas_len for r in requests])
         logits = batch.logits_at(candidates)  # (N, V)
         x0, picks = self.choose(logits, candidates)
         commit(batch.input_ids, candidates, x0, picks)
         for request in requests:
-            request.step += 1
-            request.schedule_done = request.step == request.params.steps
+            times = state_of(request, DiffusionTimes)
+            times.step += 1
+            request.schedule_done = times.step == request.params.steps
 
     @abstractmethod
     def choose(self, logits: Tensor, candidates: Candidates) -> tuple[Tensor, list[Tensor]]:
@@ -185,8 +193,8 @@ def _pick(row: Tensor, count: int, request: Request) -> Tensor:
 
 def _reveal_fraction(request: Request) -> Tensor:
     """1 - s/t for the request's current step, a float32 scalar as the reference computes it."""
-    assert request.timesteps is not None
-    t, s = request.timesteps[request.step], request.timesteps[request.step + 1]
+    times = state_of(request, DiffusionTimes)
+    t, s = times.timesteps[times.step], times.timesteps[times.step + 1]
     return 1 - s / t
 
 
@@ -199,7 +207,7 @@ def _reveal_count(request: Request, masked: int) -> int:
 
 def _last_step(request: Request) -> bool:
     assert request.params.steps is not None
-    return request.step == request.params.steps - 1
+    return state_of(request, DiffusionTimes).step == request.params.steps - 1
 
 
 def _sampling_key(request: Request) -> tuple[object, ...]:

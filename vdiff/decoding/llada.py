@@ -23,12 +23,13 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from vdiff.decoding.base import DecodingStrategy, refuse_apd_fields, register
+from vdiff.decoding.base import DecodingStrategy, StrategyState, refuse_apd_fields, register, state_of
 from vdiff.decoding.ops import (
     Candidates,
     commit,
@@ -48,6 +49,28 @@ if TYPE_CHECKING:
     from vdiff.sampling_params import SamplingDefaults, SamplingParams
 
 DEFAULT_BLOCK_LENGTH = 32  # LLaDA's chat.py and README; semi-AR blocks curb the Instruct model's EOS flood
+
+
+@dataclass
+class BlockSchedule(StrategyState):
+    """Where a request is in LLaDA's blocks."""
+
+    block: int = 0  # the block being decoded
+    step: int = 0  # steps taken within it
+    window_end: int = 0  # canvas positions before this one may be committed in the next step
+    transfer_plan: list[int] = field(default_factory=list)  # tokens to commit at each step of the block
+
+
+def _start_block(request: Request, schedule: BlockSchedule) -> None:
+    block = request.params.block_length
+    assert block is not None
+    start = request.prompt_len + schedule.block * block
+    schedule.window_end = start + block
+    schedule.step = 0
+    if is_parallel(request.params):
+        return  # no plan: the confidences decide each step
+    masked = int((request.canvas[start : start + block] == request.mask_id).sum())
+    schedule.transfer_plan = transfer_counts(masked, _steps_per_block(request))
 
 
 class LLaDASampler(DecodingStrategy):
@@ -80,23 +103,26 @@ class LLaDASampler(DecodingStrategy):
         assert block is not None
         return math.ceil(_max_tokens(params) / block) * block
 
-    def start(self, request: Request) -> None:
-        request.block = 0
-        self._start_block(request)
+    def start(self, request: Request) -> BlockSchedule:
+        schedule = BlockSchedule()
+        _start_block(request, schedule)
+        return schedule
 
     def window(self, request: Request) -> Window:
         mode, length = request.params.cache, request.canvas_len
-        if mode == "none" or request.step == 0:  # no cache, or the refresh at the block start
+        schedule = state_of(request, BlockSchedule)
+        if mode == "none" or schedule.step == 0:  # no cache, or the refresh at the block start
             return Window(0, length, length)
         block = request.params.block_length
         assert block is not None
-        block_start = request.window_end - block
-        return Window(block_start, length if mode == "prefix" else request.window_end, length)
+        block_start = schedule.window_end - block
+        return Window(block_start, length if mode == "prefix" else schedule.window_end, length)
 
     def step(self, batch: StepBatch, rows: list[int]) -> None:
         for group in _by_confidence_dtype(batch, rows):
             requests = [batch.requests[r] for r in group]
-            candidates = masked_candidates(batch.input_ids, group, requests)
+            ends = [state_of(r, BlockSchedule).window_end for r in requests]
+            candidates = masked_candidates(batch.input_ids, group, requests, ends)
             logits = batch.logits_at(candidates)  # (N, V)
             x0 = self._propose(_proposal_logits(logits, candidates), candidates)
             confidence = self.confidence(logits, x0, candidates, batch)
@@ -119,26 +145,16 @@ class LLaDASampler(DecodingStrategy):
                 x0[seg] = gumbel_argmax(_filtered(logits[seg], params), params.temperature, request.generator)
         return x0
 
-    def _start_block(self, request: Request) -> None:
-        block = request.params.block_length
-        assert block is not None
-        start = request.prompt_len + request.block * block
-        request.window_end = start + block
-        request.step = 0
-        if is_parallel(request.params):
-            return  # no plan: the confidences decide each step
-        masked = int((request.canvas[start : start + block] == request.mask_id).sum())
-        request.transfer_plan = transfer_counts(masked, _steps_per_block(request))
-
     def _advance(self, request: Request) -> None:
-        request.step += 1
-        if not _block_done(request):
+        schedule = state_of(request, BlockSchedule)
+        schedule.step += 1
+        if not _block_done(request, schedule):
             return
-        request.block += 1
-        if request.window_end >= request.canvas_len:
+        schedule.block += 1
+        if schedule.window_end >= request.canvas_len:
             request.schedule_done = True
         else:
-            self._start_block(request)
+            _start_block(request, schedule)
 
 
 @register
@@ -199,7 +215,8 @@ def commit_counts(confidence: Tensor, candidates: Candidates) -> list[int]:
         elif params.factor is not None:
             counts.append(factor_count(confidence[seg], params.factor))
         else:
-            counts.append(request.transfer_plan[request.step])
+            schedule = state_of(request, BlockSchedule)
+            counts.append(schedule.transfer_plan[schedule.step])
     return counts
 
 
@@ -223,12 +240,12 @@ def factor_count(confidence: Tensor, factor: float) -> int:
     return len(ordered) if first >= len(ordered) - 1 else first
 
 
-def _block_done(request: Request) -> bool:
+def _block_done(request: Request, schedule: BlockSchedule) -> bool:
     if not is_parallel(request.params):
-        return request.step >= len(request.transfer_plan)
+        return schedule.step >= len(schedule.transfer_plan)
     block = request.params.block_length
     assert block is not None
-    end = request.window_end - request.prompt_len
+    end = schedule.window_end - request.prompt_len
     return request.mask_id not in request.answer[end - block : end]
 
 

@@ -45,11 +45,10 @@ class Candidates:
             yield self.requests[keys.index(value)], members[self.group_rows].nonzero().squeeze(1)
 
 
-def masked_candidates(input_ids: Tensor, rows: list[int], requests: list[Request]) -> Candidates:
+def masked_candidates(input_ids: Tensor, rows: list[int], requests: list[Request], ends: list[int]) -> Candidates:
     """The masked positions before each request's window end; prompts never hold the mask id."""
     device = input_ids.device
     whole = len(rows) == input_ids.shape[0]
-    ends = [r.window_end for r in requests]
     ids = (input_ids if whole else input_ids[rows])[:, : max(ends)]  # (G, W)
     hit = ids == requests[0].mask_id
     if min(ends) < ids.shape[1]:
