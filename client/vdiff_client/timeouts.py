@@ -17,7 +17,6 @@ as long as the client keeps it open, and a stalled body is a call the drain wait
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import h11
@@ -25,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from vdiff_client.errors import APIError
+from vdiff_client.limits import declared_length
 
 DEFAULT_KEEP_ALIVE_S = 5  # vLLM's
 DEFAULT_HEADER_TIMEOUT_S = 10.0
@@ -120,12 +120,8 @@ class BodyReadTimeout:
 
 
 def expects_body(scope: Scope) -> bool:
-    headers = dict(scope["headers"])
-    if b"transfer-encoding" in headers:
-        return True
-    with contextlib.suppress(ValueError):  # h11 refuses a malformed one; other servers may not
-        return int(headers.get(b"content-length", b"0")) > 0
-    return False
+    chunked = any(name == b"transfer-encoding" for name, _ in scope["headers"])
+    return chunked or declared_length(scope) > 0
 
 
 class BodyRead:

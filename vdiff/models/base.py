@@ -74,6 +74,37 @@ class HFStyleModel(nn.Module):
         return next(self.parameters()).dtype
 
 
+class NativeModel(HFStyleModel):
+    """vdiff's own architectures: a body (`self.model`, the checkpoint's `model.` prefix) that ends at
+    the last hidden states, and a head that turns any of their rows into logits."""
+
+    model: nn.Module
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | AttentionMask | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
+    ) -> DiffusionLMOutput:
+        return DiffusionLMOutput(self.head(self.hidden_states(input_ids, attention_mask, position_ids, kv)))
+
+    def hidden_states(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | AttentionMask | None = None,
+        position_ids: Tensor | None = None,
+        kv: BatchKV | None = None,
+    ) -> Tensor:
+        """(B, L, hidden): what the head turns into logits, row for row."""
+        hidden: Tensor = self.model(input_ids, attention_mask, position_ids, kv)
+        return hidden
+
+    def head(self, hidden: Tensor) -> Tensor:
+        """(..., hidden) -> (..., V) logits."""
+        raise NotImplementedError
+
+
 def canvas_logits(logits: Tensor, shift: int) -> Tensor:
     """Line logits up with the canvas: row i of the result scores position i.
 

@@ -16,7 +16,7 @@ from typing import cast
 from torch import Tensor, nn
 
 from vdiff.kv_cache import BatchKV, LayerKV
-from vdiff.models.base import DiffusionLMOutput, HFStyleModel
+from vdiff.models.base import NativeModel
 from vdiff.models.configs import DreamConfig
 from vdiff.models.layers import AttentionMask, RMSNorm, Rotary, default_positions, self_attention, swiglu
 
@@ -85,7 +85,7 @@ class DreamBaseModel(nn.Module):
         return self.norm(x)
 
 
-class DreamModel(HFStyleModel):
+class DreamModel(NativeModel):
     """Top-level module (`model.*` plus `lm_head`). Row i of the logits predicts token i + 1."""
 
     logits_shift = 1
@@ -105,25 +105,6 @@ class DreamModel(HFStyleModel):
     @property
     def max_sequence_length(self) -> int:
         return self.config.max_position_embeddings
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | AttentionMask | None = None,
-        position_ids: Tensor | None = None,
-        kv: BatchKV | None = None,
-    ) -> DiffusionLMOutput:
-        return DiffusionLMOutput(self.head(self.hidden_states(input_ids, attention_mask, position_ids, kv)))
-
-    def hidden_states(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | AttentionMask | None = None,
-        position_ids: Tensor | None = None,
-        kv: BatchKV | None = None,
-    ) -> Tensor:
-        """(B, L, hidden): what the LM head turns into logits, row for row."""
-        return cast(Tensor, self.model(input_ids, attention_mask, position_ids, kv))
 
     def head(self, hidden: Tensor) -> Tensor:
         return cast(Tensor, self.lm_head(hidden))

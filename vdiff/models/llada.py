@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vdiff.kv_cache import BatchKV, LayerKV
-from vdiff.models.base import DiffusionLMOutput, HFStyleModel
+from vdiff.models.base import NativeModel
 from vdiff.models.configs import LLaDAConfig
 from vdiff.models.layers import AttentionMask, RMSNorm, Rotary, default_positions, self_attention
 
@@ -85,10 +85,11 @@ class LLaDAModel(nn.Module):
         return logits / math.sqrt(config.d_model) if config.scale_logits else logits
 
 
-class LLaDAModelLM(HFStyleModel):
+class LLaDAModelLM(NativeModel):
     """Top-level module; `self.model` keeps the checkpoint's `model.` prefix. No logit shift."""
 
     logits_shift = 0
+    model: LLaDAModel
 
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__()
@@ -102,25 +103,6 @@ class LLaDAModelLM(HFStyleModel):
     @property
     def max_sequence_length(self) -> int:
         return self.config.max_sequence_length
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | AttentionMask | None = None,
-        position_ids: Tensor | None = None,
-        kv: BatchKV | None = None,
-    ) -> DiffusionLMOutput:
-        return DiffusionLMOutput(self.head(self.hidden_states(input_ids, attention_mask, position_ids, kv)))
-
-    def hidden_states(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | AttentionMask | None = None,
-        position_ids: Tensor | None = None,
-        kv: BatchKV | None = None,
-    ) -> Tensor:
-        """(B, L, d_model): what the LM head turns into logits, row for row."""
-        return cast(Tensor, self.model(input_ids, attention_mask, position_ids, kv))
 
     def head(self, hidden: Tensor) -> Tensor:
         return self.model.head(hidden)
