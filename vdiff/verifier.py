@@ -6,14 +6,15 @@ to Qwen2.5-0.5B's 151,936), an id must mean the same token to both wherever both
 
 Each request keeps its own verifier cache (`VerifierState`): the keys and values of its accepted
 tokens and the verifier's logits for the first position not yet accepted. A round scores the drafts
-at [start, end) in one forward (the first round feeds the prompt too), then `accept` crops the cache
-to the accepted prefix. The verifier runs one request at a time; it is small next to the diffusion
-model, whose forward the engine batches.
+at [start, end) (the first round feeds the prompt too), then `accept` crops the cache to the
+accepted prefix. One forward scores the rounds of every APD request of an engine step, packed
+into one sequence with a block-diagonal causal mask (`Verifier._forward_packed`), so that no
+padding costs compute. A lone round runs unmasked, exactly as a batch-1 loop does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,9 +28,29 @@ from vdiff.tokenizer import Tokenizer
 class VerifierState:
     """One request's verifier cache."""
 
-    cache: Any = None  # transformers DynamicCache of the accepted tokens (and, mid-round, the drafts)
+    # per layer, the keys and values of the accepted tokens: (1, H, accepted length, D) each
+    layers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     next_logits: Tensor | None = None  # (V,) logits for the first position not yet accepted
     scored: Tensor | None = None  # (n + 1, V) this round's logits for positions start .. start + n
+    fed: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, mid-round: (1, H, start + n, D)
+
+    @property
+    def cached_length(self) -> int:
+        return 0 if not self.layers else int(self.layers[0][0].shape[-2])
+
+
+@dataclass(frozen=True)
+class VerifierRound:
+    """What one request asks of a verifier forward: score `drafts`, which follow `context`."""
+
+    state: VerifierState
+    context: Tensor  # (start,) the canvas before the drafts: the prompt and every accepted token
+    drafts: Tensor  # (n,)
+
+    @property
+    def fed(self) -> Tensor:
+        """The tokens this forward feeds: the drafts, after the prompt in a request's first round."""
+        return self.drafts if self.state.layers else torch.cat([self.context, self.drafts])
 
 
 class Verifier:
@@ -69,32 +90,111 @@ class Verifier:
                     f"{by_id.get(index)!r}"
                 )
 
-    def score(self, state: VerifierState, canvas: Tensor, drafts: Tensor, start: int) -> Tensor:
-        """(n, V) verifier logits for the n positions [start, start + n), each conditioned on the
-        canvas before `start` and the drafts before it."""
-        from transformers import DynamicCache
-
-        if state.cache is None:  # the first round: the prompt (and nothing else) precedes the drafts
-            state.cache = DynamicCache()
-            ids = torch.cat([canvas[:start], drafts])[None]  # (1, start + n)
-            logits = self.model(ids, past_key_values=state.cache, use_cache=True).logits[0, start - 1 :].clone()
-        else:  # the cache holds every accepted token, and the last round's logits predicted `start`
-            assert state.next_logits is not None
-            fresh = self.model(drafts[None], past_key_values=state.cache, use_cache=True).logits[0]  # (n, V)
-            logits = torch.cat([state.next_logits[None], fresh])
-        state.scored = logits  # (n + 1, V): the last row predicts the position after the drafts
-        return logits[:-1]
+    def score(self, rounds: list[VerifierRound]) -> list[Tensor]:
+        """Per round, (n, V) verifier logits for the n draft positions [start, start + n), each
+        conditioned on the context and the drafts before it; one forward for all rounds."""
+        fed = [r.fed for r in rounds]
+        if len(rounds) > 1 and self.packs:
+            results = self._forward_packed(rounds, fed)
+        else:
+            results = [self._forward_alone(r, tokens) for r, tokens in zip(rounds, fed, strict=True)]
+        scored = []
+        for round_, (fresh, layers) in zip(rounds, results, strict=True):
+            state = round_.state
+            if state.next_logits is None:  # the first round: the row before the drafts predicts the first
+                rows = fresh[len(round_.context) - 1 :]
+            else:  # the last round's logits predicted `start`
+                rows = torch.cat([state.next_logits[None], fresh])
+            state.scored, state.fed = rows, layers  # (n + 1, V): the last row predicts the position after
+            scored.append(rows[:-1])
+        return scored
 
     def accept(self, state: VerifierState, start: int, accepted: int) -> None:
         """Keep the first `accepted` drafts: crop the cache after them and keep the logits that follow.
 
         With every draft accepted the next position's logits are the round's last row. (APD's code
         keeps the row before it there, the prediction for the last draft itself; vdiff keeps the
-        one for the position it will verify next.)
+        one for the position it will verify next.) The kept keys and values are copies, so the
+        round's packed tensors go.
         """
         assert state.scored is not None
-        state.cache.crop(start + accepted)
-        state.next_logits, state.scored = state.scored[accepted].clone(), None  # not a view of the round's rows
+        end = start + accepted
+        state.layers = [(k[..., :end, :].clone(), v[..., :end, :].clone()) for k, v in state.fed]
+        state.next_logits, state.scored, state.fed = state.scored[accepted].clone(), None, []
+
+    @property
+    def packs(self) -> bool:
+        """Whether rounds can share a forward: the packed layout needs a 4-D mask, which SDPA and
+        eager attention take as it is; other kernels score the rounds one by one."""
+        return self.model.config._attn_implementation in ("sdpa", "eager")
+
+    def _forward_alone(self, round_: VerifierRound, fed: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """(fed, V) logits and the row's keys and values: no mask, exactly as a batch-1 loop runs."""
+        cache = _packed_cache([round_])
+        logits = self.model(fed[None], past_key_values=cache, use_cache=True).logits[0]
+        return logits, [(layer.keys, layer.values) for layer in cache.layers]
+
+    def _forward_packed(
+        self, rounds: list[VerifierRound], fed: list[Tensor]
+    ) -> list[tuple[Tensor, list[tuple[Tensor, Tensor]]]]:
+        """Every round's fed tokens packed into one sequence, so that the linear layers run on
+        exactly those tokens; per round, its (fed, V) logits and its keys and values.
+
+        Keys are [every round's cache, round after round | every round's fed tokens]; a fed token
+        attends to its own round's cache and its round's fed tokens up to itself (a block-diagonal
+        causal mask), at its round's own positions.
+        """
+        device = fed[0].device
+        cached = torch.tensor([r.state.cached_length for r in rounds], device=device)
+        lengths = torch.tensor([len(t) for t in fed], device=device)
+        starts = [int(c) for c in torch.cumsum(cached, 0) - cached]  # each round's first cached key
+        offsets = [int(n) for n in torch.cumsum(lengths, 0) - lengths]  # each round's first fed token
+        positions = [torch.arange(int(c), int(c + n), device=device) for c, n in zip(cached, lengths, strict=True)]
+        cache = _packed_cache(rounds)
+        logits = self.model(
+            torch.cat(fed)[None],
+            attention_mask=self._block_causal_mask(cached, lengths),
+            position_ids=torch.cat(positions)[None],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits[0]  # (T, V)
+        prefix = int(cached.sum())
+        results = []
+        for start, count, offset, length in zip(starts, cached.tolist(), offsets, lengths.tolist(), strict=True):
+            own = [slice(start, start + count), slice(prefix + offset, prefix + offset + length)]
+            layers = [(_joined(layer.keys, own), _joined(layer.values, own)) for layer in cache.layers]
+            results.append((logits[offset : offset + length], layers))
+        return results
+
+    def _block_causal_mask(self, cached: Tensor, lengths: Tensor) -> Tensor:
+        """(1, 1, T, C + T) additive mask for the packed layout (C cached keys, T fed tokens)."""
+        device = cached.device
+        rounds = torch.arange(len(cached), device=device)
+        fed_round = rounds.repeat_interleave(lengths)  # (T,)
+        key_round = torch.cat([rounds.repeat_interleave(cached), fed_round])  # (C + T,)
+        order = torch.arange(len(fed_round), device=device)
+        key_order = torch.cat([order.new_full((int(cached.sum()),), -1), order])  # a cached key precedes all
+        allowed = (fed_round[:, None] == key_round) & (key_order <= order[:, None])  # (T, C + T)
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _joined(packed: Tensor, parts: list[slice]) -> Tensor:
+    """One round's (1, H, cached + fed, D) keys or values from a packed layer's parts."""
+    return torch.cat([packed[:, :, part] for part in parts], dim=2)
+
+
+def _packed_cache(rounds: list[VerifierRound]) -> Any:
+    """A transformers DynamicCache holding the rounds' caches one after another on the sequence axis."""
+    from transformers import DynamicCache
+
+    kept = [r.state.layers for r in rounds if r.state.layers]
+    if not kept:
+        return DynamicCache()
+    layers = zip(*kept, strict=True)  # per layer, each round's (keys, values)
+    return DynamicCache([(torch.cat([k for k, _ in layer], dim=2), torch.cat([v for _, v in layer], dim=2))
+                         for layer in layers])  # fmt: skip
 
 
 def _vocabulary(checkpoint: Checkpoint) -> dict[str, int]:

@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from apd_oracle import apd_reference
 
 from conftest import write_verifier
 from vdiff import LLM, SamplingParams
+from vdiff.decoding.apd import Draft
 from vdiff.models import ModelLoadError
 from vdiff.training.demo_task import held_out_set
+from vdiff.verifier import VerifierRound, VerifierState
 
 PROMPT = [17, 42, 99, 7, 256, 31, 5]
 
@@ -28,6 +31,17 @@ PROMPT = [17, 42, 99, 7, 256, 31, 5]
 @pytest.fixture(scope="module")
 def demo_llm(dtype: str) -> LLM:
     return LLM(model="vdiff-demo", verifier="vdiff-demo-ar", dtype=dtype, max_num_seqs=16)
+
+
+@pytest.fixture(scope="module")
+def demo_llm_f32() -> LLM:
+    """The demo pair in float32, where the batched verifier's claims are stated."""
+    return LLM(model="vdiff-demo", verifier="vdiff-demo-ar", dtype="float32", max_num_seqs=16)
+
+
+def chat_prompts(llm: LLM, count: int) -> list[list[int]]:
+    template = llm.tokenizer.apply_chat_template
+    return [llm.tokenizer.encode(template([{"role": "user", "content": p.question}])) for p in held_out_set(count)]
 
 
 def reference(llm: LLM, prompt: list[int], gen_length: int, stop_ids: set[int], **apd: Any) -> tuple[list[int], int]:
@@ -63,13 +77,10 @@ def test_apd_matches_the_published_loop_on_tiny_models(llm: LLM, case: dict[str,
 def test_apd_matches_the_published_loop_on_the_demo_models(demo_llm: LLM, case: dict[str, Any]) -> None:
     stop_ids = set(demo_llm.tokenizer.special.stop_ids)
     rounds_total = tokens_total = 0
-    for problem in held_out_set(2):
-        prompt = demo_llm.tokenizer.encode(
-            demo_llm.tokenizer.apply_chat_template([{"role": "user", "content": problem.question}])
-        )
+    for prompt in chat_prompts(demo_llm, 2):
         expected, rounds = reference(demo_llm, prompt, 40, stop_ids, **case)
         out = demo_llm.generate([prompt], apd_params(case, max_tokens=40))[0]
-        assert (out.token_ids, out.nfe) == (expected, rounds), problem.question
+        assert (out.token_ids, out.nfe) == (expected, rounds), demo_llm.tokenizer.decode(prompt)
         rounds_total, tokens_total = rounds_total + rounds, tokens_total + len(expected)
     assert tokens_total >= 2 * rounds_total  # the trained pair accepts several tokens a round
 
@@ -121,10 +132,71 @@ def test_every_request_of_a_mixed_batch_equals_itself_alone(invariant_llm: LLM) 
         assert (output.token_ids, output.nfe) == (alone.token_ids, alone.nfe), params
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["plain", "window-lookahead"])
+def test_sixteen_in_flight_decode_as_each_alone_in_float32(demo_llm_f32: LLM, case: dict[str, Any]) -> None:
+    """One verifier forward per step for all APD requests (packed, at different cursors and cache
+    lengths, some in their first round) gives each request the tokens and rounds of its batch-1 loop."""
+    prompts = chat_prompts(demo_llm_f32, 4)  # 24 problems, six families: 16 in flight, then the rest
+    params = apd_params(case, max_tokens=40)
+    together = demo_llm_f32.generate(prompts, params)
+    for prompt, output in zip(prompts, together, strict=True):
+        alone = demo_llm_f32.generate([prompt], params)[0]
+        assert (output.token_ids, output.nfe) == (alone.token_ids, alone.nfe), demo_llm_f32.tokenizer.decode(prompt)
+
+
+@torch.no_grad()
+def test_a_packed_verifier_forward_scores_each_round_as_alone(demo_llm_f32: LLM) -> None:
+    """Rounds with caches of different lengths and rounds without one, in one forward: each gets the
+    logits and the cache it gets alone (float32, to reduction-order rounding)."""
+    verifier = demo_llm_f32.engine.verifier
+    assert verifier is not None and verifier.packs
+    prompts = [torch.tensor(p) for p in chat_prompts(demo_llm_f32, 1)[:5]]
+    generator = torch.Generator().manual_seed(0)
+
+    def drafts(count: int) -> torch.Tensor:
+        return torch.randint(3, 90, (count,), generator=generator)
+
+    rounds = []
+    for i, prompt in enumerate(prompts):
+        state, context = VerifierState(), prompt
+        if i < 3:  # a round already accepted 1 + i tokens: this one continues from a cache
+            first = drafts(6)
+            verifier.score([VerifierRound(state, prompt, first)])
+            verifier.accept(state, len(prompt), 1 + i)
+            context = torch.cat([prompt, first[: 1 + i]])
+        rounds.append(VerifierRound(state, context, drafts(2 + 2 * i)))
+    copies = [VerifierRound(copied(r.state), r.context, r.drafts) for r in rounds]
+    alone = [verifier.score([r])[0] for r in copies]
+    packed = verifier.score(rounds)
+    for one, many, r, c in zip(alone, packed, rounds, copies, strict=True):
+        assert many.shape == one.shape == (len(r.drafts), verifier.vocab_size)
+        torch.testing.assert_close(many, one, rtol=0, atol=1e-5 * float(one.abs().max()))
+        assert torch.equal(many.argmax(-1), one.argmax(-1))
+        verifier.accept(r.state, len(r.context), 1)
+        verifier.accept(c.state, len(c.context), 1)
+        for (k, v), (k1, v1) in zip(r.state.layers, c.state.layers, strict=True):
+            assert k.shape == k1.shape == (1, k.shape[1], len(r.context) + 1, k.shape[3])
+            torch.testing.assert_close(k, k1, rtol=0, atol=1e-5 * float(k1.abs().max()))
+            torch.testing.assert_close(v, v1, rtol=0, atol=1e-5 * float(v1.abs().max()))
+
+
+def copied(state: VerifierState) -> VerifierState:
+    logits = None if state.next_logits is None else state.next_logits.clone()
+    return VerifierState([(k.clone(), v.clone()) for k, v in state.layers], logits)
+
+
+def test_drafts_after_a_stop_token_are_not_verified() -> None:
+    eos = 97
+    tokens = torch.tensor([5, 6, eos, 8, eos, 9])
+    draft = Draft.of(tokens, torch.zeros(6, 128), None, torch.tensor([eos, 98]))
+    assert draft.judged.tolist() == [5, 6, eos]
+    assert Draft.of(tokens[:2], torch.zeros(2, 128), None, torch.tensor([eos])).judged.tolist() == [5, 6]
+
+
 def remember_caches(running: list[Any], held: list[weakref.ref[Any]]) -> None:
     for request in running:
         verifier = getattr(request.state, "verifier", None)  # APD's progress holds the verifier's cache
-        for state in (request.kv, verifier and verifier.cache):
+        for state in (request.kv, verifier):
             if state is not None and all(ref() is not state for ref in held):
                 held.append(weakref.ref(state))
 

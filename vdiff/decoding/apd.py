@@ -37,7 +37,7 @@ from torch import Tensor
 from vdiff.decoding.base import DecodingStrategy, StrategyState, register, state_of
 from vdiff.decoding.ops import commit, span_candidates, top_k_filter, top_p_filter
 from vdiff.kv_cache import Window
-from vdiff.verifier import Verifier, VerifierState
+from vdiff.verifier import Verifier, VerifierRound, VerifierState
 
 if TYPE_CHECKING:
     from vdiff.request import Request
@@ -108,16 +108,24 @@ class AdaptiveParallelDecoding(DecodingStrategy):
 
     def step(self, batch: StepBatch, rows: list[int]) -> None:
         requests = [batch.requests[r] for r in rows]
-        assert batch.verifier is not None, "the engine refuses APD requests without a verifier"
+        verifier = batch.verifier
+        assert verifier is not None, "the engine refuses APD requests without a verifier"
         spans = [(state_of(r, APDProgress).cursor, _lookahead_end(r)) for r in requests]
         candidates = span_candidates(batch.input_ids, rows, requests, spans)
         logits = batch.logits_at(candidates)  # (N, V)
-        drafts, picks = [], []
-        for _, request, seg in candidates.segments():
-            draft, accepted = _round(batch.verifier, request, logits[seg])
-            drafts.append(draft)
+        drafts = [_draft(verifier, request, logits[seg]) for _, request, seg in candidates.segments()]
+        verified = verifier.score([
+            VerifierRound(state_of(r, APDProgress).verifier, r.canvas[:cursor], draft.judged)
+            for r, (cursor, _), draft in zip(requests, spans, drafts, strict=True)
+        ])  # fmt: skip
+        picks = []
+        for (_, request, seg), (cursor, _), draft, scores in zip(
+            candidates.segments(), spans, drafts, verified, strict=True
+        ):
+            accepted = _judge(request, draft, scores)
+            verifier.accept(state_of(request, APDProgress).verifier, cursor, accepted)
             picks.append(candidates.cols[seg][:accepted])
-        commit(batch.input_ids, candidates, torch.cat(drafts), picks)
+        commit(batch.input_ids, candidates, torch.cat([d.tokens for d in drafts]), picks)
         for request, pick in zip(requests, picks, strict=True):
             progress = state_of(request, APDProgress)
             progress.accepted = len(pick)
@@ -125,32 +133,54 @@ class AdaptiveParallelDecoding(DecodingStrategy):
             request.schedule_done = progress.cursor == request.canvas_len
 
 
+@dataclass(frozen=True)
+class Draft:
+    """One request's drafts for a round and what judging them needs."""
+
+    tokens: Tensor  # (n,)
+    logits: Tensor  # (n, V) float32 diffusion logits, the mask id and rows past the verifier's banned
+    noise: Tensor | None  # (n, V) the Gumbel noise drafts and choices share above temperature 0
+    judged: Tensor  # (m,) the drafts up to and including the first stop token, m <= n
+
+    @classmethod
+    def of(cls, tokens: Tensor, logits: Tensor, noise: Tensor | None, stop_ids: Tensor) -> Draft:
+        """Drafts after a stop token can never be needed: accepting them would accept the stop
+        token, which ends the answer. The verifier is causal, so its scores up to the stop token
+        do not depend on them either; leaving them out changes no decision."""
+        stops = torch.isin(tokens, stop_ids).nonzero()
+        judged = tokens if not len(stops) else tokens[: int(stops[0]) + 1]
+        return cls(tokens, logits, noise, judged)
+
+
 def _lookahead_end(request: Request) -> int:
     lookahead, cursor = request.params.apd_max_lookahead, state_of(request, APDProgress).cursor
     return request.canvas_len if lookahead is None else min(cursor + lookahead, request.canvas_len)
 
 
-def _round(verifier: Verifier, request: Request, logits: Tensor) -> tuple[Tensor, int]:
-    """Draft the request's lookahead from its (n, V) logits, verify; the drafts and how many are accepted."""
-    params = request.params
+def _draft(verifier: Verifier, request: Request, logits: Tensor) -> Draft:
+    """Draft the request's lookahead from its (n, V) logits."""
     logits = logits.float()
     never = torch.finfo(torch.float32).min  # finite: R = 0 must not make 0 * inf
     logits[:, request.mask_id] = never
     logits[:, verifier.vocab_size :] = never  # rows past the shared vocabulary (padding) the verifier cannot read
-    noise = _gumbel(logits.shape, request) if params.temperature else None
-    draft = _draw(logits, noise, params)
-    progress = state_of(request, APDProgress)
-    verified = verifier.score(progress.verifier, request.canvas, draft, progress.cursor).float()  # (n, V')
-    width = min(logits.shape[-1], verified.shape[-1])
+    noise = _gumbel(logits.shape, request) if request.params.temperature else None
+    stop_ids = torch.tensor(sorted(request.stop_ids), dtype=torch.long, device=logits.device)
+    return Draft.of(_draw(logits, noise, request.params), logits, noise, stop_ids)
+
+
+def _judge(request: Request, draft: Draft, verified: Tensor) -> int:
+    """How many drafts the mixture of diffusion and (n, V') verifier logits accepts: the longest
+    prefix of drafts equal to the mixture's choice, and at least one."""
+    params = request.params
+    verified = verified.float()
+    count, width = len(draft.judged), min(draft.logits.shape[-1], verified.shape[-1])
     weight = params.apd_mixture_weight
     assert weight is not None
-    mixture = weight * logits[:, :width] + (1 - weight) * verified[:, :width]
-    choice = _draw(mixture, None if noise is None else noise[:, :width], params)
-    agree = draft == choice
+    mixture = weight * draft.logits[:count, :width] + (1 - weight) * verified[:, :width]
+    choice = _draw(mixture, None if draft.noise is None else draft.noise[:count, :width], params)
+    agree = draft.judged == choice
     agree[0] = True  # every round commits at least one token
-    accepted = int(agree.long().cumprod(0).sum())
-    verifier.accept(progress.verifier, progress.cursor, accepted)
-    return draft, accepted
+    return int(agree.long().cumprod(0).sum())
 
 
 def _gumbel(shape: torch.Size, request: Request) -> Tensor:
