@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vdiff.bounds import RequestBounds
+from vdiff.canvas import CanvasPool, Commits
 from vdiff.config import EngineConfig
 from vdiff.decoding import DecodingStrategy, get_strategy
 from vdiff.models import Checkpoint, DiffusionLM, load_model
@@ -52,7 +53,11 @@ class Engine:
             self.max_sequence_length, self.vocab_size, self.tokenizer.longest_token_chars, config.max_stop_strings
         )
         self.verifier = self._load_verifier(config)
-        self.runner = ModelRunner(self.model, self.tokenizer.special, self.verifier, config.batch_invariant)
+        device = next(self.model.parameters()).device
+        self.canvases = CanvasPool(config.max_num_seqs, self.tokenizer.special, device)
+        self.runner = ModelRunner(
+            self.model, self.tokenizer.special, self.canvases, self.verifier, config.batch_invariant
+        )
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
         self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # abort notices, returned by the next step()
@@ -98,13 +103,17 @@ class Engine:
         running = self.scheduler.schedule()
         if not running:
             return outputs
+        for request in running:
+            if request.slot is None:  # admitted by this schedule
+                self.canvases.place(request)
         batch = self.runner.forward(running)
+        commits = []
         for strategy, rows in _rows_by_strategy(running).items():
             if self.config.batch_invariant:  # each request's decisions on the shapes it has alone
-                for row in rows:
-                    strategy.step(batch, [row])
+                commits += [strategy.step(batch, [row]) for row in rows]
             else:
-                strategy.step(batch, rows)
+                commits.append(strategy.step(batch, rows))
+        self.canvases.apply(batch.requests, batch.slots, Commits.join(commits))
         outputs += self._report(batch)
         self.scheduler.retire_finished()
         return outputs
@@ -115,6 +124,7 @@ class Engine:
         if request is None:
             return False
         request.finish("abort")
+        self.canvases.release(request)
         del self._requests[request_id]
         self._pending.append(_output(request, []))
         return True
@@ -134,6 +144,7 @@ class Engine:
                 continue
             outputs.append(_output(request, new))
             if request.is_finished:
+                self.canvases.release(request)
                 del self._requests[request.request_id]
         return outputs
 
@@ -162,12 +173,11 @@ class Engine:
         params, strategy = admitted.params, admitted.strategy
         device = self.runner.device
         special = self.tokenizer.special
-        canvas = torch.full((len(prompt_ids) + admitted.gen_length,), special.mask, dtype=torch.long, device=device)
-        canvas[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else special.stop_ids)
         generator = torch.Generator(device=device).manual_seed(seed)
-        return Request(request_id, prompt_ids, params, strategy, canvas, generator, stop_ids, special.mask)
+        canvas_len = len(prompt_ids) + admitted.gen_length
+        return Request(request_id, prompt_ids, params, strategy, canvas_len, generator, stop_ids, special.mask)
 
     def _check_verifier_fits(self, algorithm: str | None, prompt_len: int, gen_length: int) -> None:
         if self.verifier is None:

@@ -27,7 +27,7 @@ class RequestKV:
 
     keys: list[Tensor] = field(default_factory=list)
     values: list[Tensor] = field(default_factory=list)
-    reused: bool = True  # False: a one-step stand-in for a request that keeps no cache
+    persistent: bool = True  # False: a one-step stand-in for a request that keeps no cache
 
     @property
     def nbytes(self) -> int:
@@ -37,14 +37,14 @@ class RequestKV:
 @dataclass(frozen=True)
 class Window:
     """The canvas positions [start, end) a row feeds this step; its queries attend to the keys of
-    positions [0, keys), of a canvas of `canvas_len` (keys None: the whole canvas). `reads` is the
+    positions [0, key_end), of a canvas of `canvas_len` (None: the whole canvas). `reads` is the
     first position whose logits the strategy reads (None: start); a shifted family scores it from
     the row before, which the runner then feeds too."""
 
     start: int
     end: int
     canvas_len: int
-    keys: int | None = None
+    key_end: int | None = None
     reads: int | None = None
 
     def fed_from(self, shift: int) -> int:
@@ -58,7 +58,7 @@ class Window:
 
     @property
     def key_len(self) -> int:
-        return self.canvas_len if self.keys is None else self.keys
+        return self.canvas_len if self.key_end is None else self.key_end
 
     @property
     def covers_canvas(self) -> bool:
@@ -99,7 +99,7 @@ class LayerKV:
         for row, (cache, window) in enumerate(zip(batch.caches, batch.windows, strict=True)):
             fresh_k, fresh_v = k[row, :, : window.length], v[row, :, : window.length]
             if window.is_full:  # a refresh: the fresh tensors are the cache
-                room = window.canvas_len if cache.reused else None
+                room = window.canvas_len if cache.persistent else None
                 _store(cache.keys, self.index, fresh_k, room)
                 _store(cache.values, self.index, fresh_v, room)
             else:

@@ -1,7 +1,8 @@
 """The one object that carries a request from admission to its last output.
 
 The scheduler moves it between queues, the runner reads its canvas, its decoding strategy
-commits tokens and advances its schedule, the engine reports what became final. Nothing else
+chooses the tokens to commit and advances its schedule, the engine applies the commits and reports
+what became final. Nothing else
 travels between them.
 """
 
@@ -35,20 +36,26 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams  # resolved: every field the strategy reads is set
     strategy: DecodingStrategy
-    canvas: Tensor  # (P + G,) long: the prompt, then G generated positions holding the mask id until committed
+    canvas_len: int  # P + G: the prompt, then G generated positions
     generator: torch.Generator  # per-request RNG: results do not depend on the other requests in the batch
     stop_ids: frozenset[int]  # token ids that end the answer (EOS, end of turn, stop_token_ids)
     mask_id: int
     arrival_time: float = 0.0  # time.perf_counter() when it reached the engine (or its server)
     scheduled_time: float | None = None  # when the scheduler admitted it to the running batch
 
+    # while it runs: its slot in the engine's CanvasPool, and the canvas there, a view of the slot's
+    # row (P + G,) long holding the mask id at generated positions until committed; once it is
+    # finished, a copy of its last canvas (vdiff/canvas.py)
+    slot: int | None = None
+    _canvas: Tensor | None = field(default=None, repr=False)
+
     # the strategy's own progress (set at admission), and what the engine and runner read of it
     state: StrategyState | None = None
     schedule_done: bool = False  # every generated position is final
     kv: RequestKV | None = None  # keys and values of the canvas, for strategies that keep them
 
-    # the generated positions as a Python list (mask id until committed), so that finding the
-    # stable prefix and reading new tokens costs no tensor op
+    # the generated positions as a Python list (mask id until committed), mirrored from the
+    # commits the engine applies: finding the stable prefix and new tokens costs no tensor op
     answer: list[int] = field(default_factory=list)
     stable: int = 0  # generated positions before the first still-masked one
 
@@ -61,12 +68,7 @@ class Request:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
     def __post_init__(self) -> None:
-        self.answer = self.canvas[self.prompt_len :].tolist()
-
-    def record(self, positions: list[int], tokens: list[int]) -> None:
-        """Mirror tokens just committed at canvas positions on the answer list."""
-        for position, token in zip(positions, tokens, strict=True):
-            self.answer[position - self.prompt_len] = token
+        self.answer = [self.mask_id] * self.gen_length
 
     def final_length(self) -> int:
         """Generated positions that can no longer change: those before the first mask, or all once the schedule ends."""
@@ -77,12 +79,17 @@ class Request:
         return self.stable
 
     @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+    def canvas(self) -> Tensor:
+        assert self._canvas is not None, f"request {self.request_id} has not run: it has no canvas"
+        return self._canvas
+
+    @canvas.setter
+    def canvas(self, canvas: Tensor) -> None:
+        self._canvas = canvas
 
     @property
-    def canvas_len(self) -> int:
-        return int(self.canvas.shape[0])
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
 
     @property
     def gen_length(self) -> int:

@@ -1,6 +1,7 @@
 """One forward pass for every running request: the only place requests become model tensors.
 
-Canvases of different lengths are right-padded into one (B, L) batch. Right padding keeps every
+Canvases of different lengths, gathered from the engine's CanvasPool, are right-padded into one
+(B, L) batch. Right padding keeps every
 canvas at positions 0..len-1, as when it runs alone, and padding is masked on the key side only,
 so a request's logits do not depend on its neighbours beyond floating-point reduction order.
 Classifier-free guidance adds one unconditional row (the prompt masked out) per request that asks
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
+from vdiff.canvas import CanvasPool
 from vdiff.decoding.ops import Candidates
 from vdiff.kv_cache import BatchKV, RequestKV, Window
 from vdiff.models.base import DiffusionLM, canvas_rows
@@ -43,7 +45,8 @@ MIN_HEAD_ROWS = 16
 @dataclass
 class StepBatch:
     requests: list[Request]
-    input_ids: Tensor  # (B, L) canvases, right-padded; strategies write committed tokens here too
+    input_ids: Tensor  # (B, L) the canvases as the step found them, right-padded
+    slots: Tensor  # (B,) each row's slot in the CanvasPool, where the engine applies commits
     # (R, Q, D) per row and query: the last hidden states (D = hidden size) when `head` is set,
     # else the logits (D = V); rows B.. are the CFG unconditional canvases
     outputs: Tensor
@@ -100,13 +103,15 @@ class ModelRunner:
         self,
         model: nn.Module,
         special: SpecialTokens,
+        canvases: CanvasPool,
         verifier: Verifier | None = None,
         batch_invariant: bool = False,
     ) -> None:
         self.model = model
+        self.canvases = canvases
         self.verifier = verifier
         self.batch_invariant = batch_invariant
-        self.pad_id = special.pad if special.pad != special.mask else special.eos
+        self.pad_id = canvases.pad_id
         self.mask_id = special.mask
         self.eos_id = special.eos
         self.eot_id = special.eot
@@ -118,14 +123,14 @@ class ModelRunner:
         if any(not w.covers_canvas or r.strategy.keeps_cache(r.params) for r, w in zip(requests, windows, strict=True)):
             return self._windowed_forward(requests, windows)
         lengths = [r.canvas_len for r in requests]
-        input_ids = self._pack([r.canvas for r in requests])
+        input_ids, slots = self.canvases.rows(requests)
         uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
         model_ids = input_ids if not uncond_ids else torch.cat([input_ids, *uncond_ids])
         lengths += [lengths[i] for i, row in enumerate(uncond_rows) if row >= 0]
         outputs, head = self._run(model_ids, [(n, n) for n in lengths])
         for request in requests:
             request.nfe += 1
-        return self._batch(requests, input_ids, outputs, head, uncond_rows)
+        return self._batch(requests, input_ids, slots, outputs, head, uncond_rows)
 
     def _windowed_forward(self, requests: list[Request], spans: list[Window]) -> StepBatch:
         """Each row feeds its strategy's window (from one position before the first it reads for a
@@ -133,16 +138,16 @@ class ModelRunner:
         the window already) and attends to its cached canvas. CFG's
         unconditional canvases (never cached) follow as whole-canvas rows."""
         shift = self.logits_shift
-        windows = [Window(w.fed_from(shift), w.end, w.canvas_len, w.keys) for w in spans]
+        windows = [Window(w.fed_from(shift), w.end, w.canvas_len, w.key_end) for w in spans]
         caches = [self._cache_of(r, w) for r, w in zip(requests, windows, strict=True)]
         fed = [r.canvas[w.start : w.end] for r, w in zip(requests, windows, strict=True)]
-        input_ids = self._pack([r.canvas for r in requests])
+        input_ids, slots = self.canvases.rows(requests)
         uncond_rows, uncond_ids = self._unconditional_rows(requests, input_ids)
         guided = [r for r, row in zip(requests, uncond_rows, strict=True) if row >= 0]
         for request, canvas in zip(guided, uncond_ids, strict=True):
             length = request.canvas_len  # the unconditional canvas, without the batch's right padding
             windows.append(Window(0, length, length))
-            caches.append(RequestKV(reused=False))
+            caches.append(RequestKV(persistent=False))
             fed.append(canvas[0, :length])
         positions = pad_sequence(
             [torch.arange(w.start, w.end, device=self.device) for w in windows], batch_first=True
@@ -153,7 +158,7 @@ class ModelRunner:
         for request in requests:
             request.nfe += 1
         offsets = torch.tensor([w.start for w in windows[: len(requests)]], device=self.device)
-        return self._batch(requests, input_ids, outputs, head, uncond_rows, offsets)
+        return self._batch(requests, input_ids, slots, outputs, head, uncond_rows, offsets)
 
     def _run(
         self, ids: Tensor, spans: list[tuple[int, int]], positions: Tensor | None = None, kv: BatchKV | None = None
@@ -195,31 +200,32 @@ class ModelRunner:
         self,
         requests: list[Request],
         input_ids: Tensor,
+        slots: Tensor,
         outputs: Tensor,
         head: Callable[[Tensor], Tensor] | None,
         uncond: list[int],
         offsets: Tensor | None = None,
     ) -> StepBatch:
         return StepBatch(
-            requests, input_ids, outputs, self.logits_shift, uncond, self.eos_id, self.eot_id,
-            offsets, self.verifier, head,
+            requests, input_ids, slots, outputs, self.logits_shift, uncond, self.eos_id,
+            self.eot_id, offsets, self.verifier, head,
         )  # fmt: skip
 
     def _cache_of(self, request: Request, window: Window) -> RequestKV:
         """The request's cache; a throwaway for a request that keeps none, which then feeds all it attends to."""
         if not request.strategy.keeps_cache(request.params):
             assert window.is_full, "a request without a cache feeds every position it attends to"
-            return RequestKV(reused=False)
+            return RequestKV(persistent=False)
         if request.kv is None:
             assert window.is_full, "a cache starts with a refresh over every position it attends to"
             request.kv = RequestKV()
         return request.kv
 
-    def _pack(self, canvases: list[Tensor]) -> Tensor:
-        """(B, L) canvases, right-padded. A lone canvas is used in place: commits write through to it."""
-        if len(canvases) == 1:
-            return canvases[0][None]
-        return pad_sequence(canvases, batch_first=True, padding_value=self.pad_id)
+    def _pack(self, windows: list[Tensor]) -> Tensor:
+        """(R, Q) the fed windows, right-padded."""
+        if len(windows) == 1:
+            return windows[0][None]
+        return pad_sequence(windows, batch_first=True, padding_value=self.pad_id)
 
     def _unconditional_rows(self, requests: list[Request], input_ids: Tensor) -> tuple[list[int], list[Tensor]]:
         """LLaDA's CFG input: the canvas with every prompt position set to the mask id."""

@@ -63,10 +63,13 @@ def trace(llm: LLM, requests: list[tuple[list[int], SamplingParams]]) -> list[li
     for i, (prompt, params) in enumerate(requests):
         engine.add_request(prompt, params, request_id=f"t{i}")
         tracked.append(engine._requests[f"t{i}"])
-    canvases: list[list[torch.Tensor]] = [[r.canvas.clone()] for r in tracked]
+    mask_id = llm.tokenizer.special.mask
+    canvases = [[torch.tensor(r.prompt_ids + [mask_id] * r.gen_length)] for r in tracked]
     while engine.has_unfinished():
         engine.step()
         for request, history in zip(tracked, canvases, strict=True):
+            if request.slot is None and not request.is_finished:
+                continue  # still waiting: no canvas yet
             if not torch.equal(request.canvas, history[-1]):
                 history.append(request.canvas.clone())
     return canvases

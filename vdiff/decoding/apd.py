@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from vdiff.canvas import Commits
 from vdiff.decoding.base import DecodingStrategy, StrategyState, register, state_of
 from vdiff.decoding.ops import commit, span_candidates, top_k_filter, top_p_filter
 from vdiff.kv_cache import Window
@@ -106,7 +107,7 @@ class AdaptiveParallelDecoding(DecodingStrategy):
     def feeds_windows(self, params: SamplingParams) -> bool:
         return params.apd_kv_window is not None or params.apd_max_lookahead is not None
 
-    def step(self, batch: StepBatch, rows: list[int]) -> None:
+    def step(self, batch: StepBatch, rows: list[int]) -> Commits:
         requests = [batch.requests[r] for r in rows]
         verifier = batch.verifier
         assert verifier is not None, "the engine refuses APD requests without a verifier"
@@ -125,12 +126,12 @@ class AdaptiveParallelDecoding(DecodingStrategy):
             accepted = _judge(request, draft, scores)
             verifier.accept(state_of(request, APDProgress).verifier, cursor, accepted)
             picks.append(candidates.cols[seg][:accepted])
-        commit(batch.input_ids, candidates, torch.cat([d.tokens for d in drafts]), picks)
         for request, pick in zip(requests, picks, strict=True):
             progress = state_of(request, APDProgress)
             progress.accepted = len(pick)
             progress.cursor += progress.accepted
             request.schedule_done = progress.cursor == request.canvas_len
+        return commit(candidates, torch.cat([d.tokens for d in drafts]), picks)
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,8 @@ def _judge(request: Request, draft: Draft, verified: Tensor) -> int:
 
 def _gumbel(shape: torch.Size, request: Request) -> Tensor:
     """(n, V) standard Gumbel noise in float64 from the request's generator."""
-    uniform = torch.rand(shape, dtype=torch.float64, device=request.canvas.device, generator=request.generator)
+    generator = request.generator
+    uniform = torch.rand(shape, dtype=torch.float64, device=generator.device, generator=generator)
     return -torch.log(-torch.log(uniform))
 
 

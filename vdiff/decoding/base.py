@@ -2,8 +2,9 @@
 
 A strategy owns one family of schedules: it resolves the parameters it reads, sets up a request's
 schedule when the request is admitted, names the canvas window whose logits its next step reads
-(the whole canvas unless the request caches), and once per engine step commits tokens on the
-canvases of all its requests from one shared forward pass. Strategies are stateless: `start`
+(the whole canvas unless the request caches), and once per engine step chooses the tokens to
+commit on the canvases of all its requests from one shared forward pass, returned as `Commits`
+that the engine applies. Strategies are stateless: `start`
 returns the request's own progress as a typed `StrategyState` that the Request carries (blocks and
 their plan, diffusion times, APD's cursor and verifier cache), so one instance serves every
 request that names it. The engine and the
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 from vdiff.kv_cache import Window
 
 if TYPE_CHECKING:
+    from vdiff.canvas import Commits
     from vdiff.request import Request
     from vdiff.runner import StepBatch
     from vdiff.sampling_params import SamplingDefaults, SamplingParams
@@ -67,8 +69,10 @@ class DecodingStrategy(ABC):
         return self.keeps_cache(params)
 
     @abstractmethod
-    def step(self, batch: StepBatch, rows: list[int]) -> None:
-        """Commit tokens on the canvases of batch.requests[rows] and advance their schedules."""
+    def step(self, batch: StepBatch, rows: list[int]) -> Commits:
+        """The tokens to commit on the canvases of batch.requests[rows]; advances their schedules.
+
+        The canvases stay as they are until the engine applies the commits of every strategy."""
 
 
 _REGISTRY: dict[str, DecodingStrategy] = {}

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from vdiff.canvas import Commits
 from vdiff.decoding.base import DecodingStrategy, StrategyState, refuse_apd_fields, register, state_of
 from vdiff.decoding.ops import (
     Candidates,
@@ -70,18 +71,18 @@ class DreamSampler(DecodingStrategy):
     def start(self, request: Request) -> DiffusionTimes:
         steps, eps = request.params.steps, request.params.eps
         assert steps is not None and eps is not None
-        return DiffusionTimes(torch.linspace(1, eps, steps + 1, device=request.canvas.device))
+        return DiffusionTimes(torch.linspace(1, eps, steps + 1, device=request.generator.device))
 
-    def step(self, batch: StepBatch, rows: list[int]) -> None:
+    def step(self, batch: StepBatch, rows: list[int]) -> Commits:
         requests = [batch.requests[r] for r in rows]
         candidates = masked_candidates(batch.input_ids, rows, requests, [r.canvas_len for r in requests])
         logits = batch.logits_at(candidates)  # (N, V)
         x0, picks = self.choose(logits, candidates)
-        commit(batch.input_ids, candidates, x0, picks)
         for request in requests:
             times = state_of(request, DiffusionTimes)
             times.step += 1
             request.schedule_done = times.step == request.params.steps
+        return commit(candidates, x0, picks)
 
     @abstractmethod
     def choose(self, logits: Tensor, candidates: Candidates) -> tuple[Tensor, list[Tensor]]:

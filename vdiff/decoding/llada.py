@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from vdiff.canvas import Commits
 from vdiff.decoding.base import DecodingStrategy, StrategyState, refuse_apd_fields, register, state_of
 from vdiff.decoding.ops import (
     Candidates,
@@ -64,13 +65,13 @@ class BlockSchedule(StrategyState):
 def _start_block(request: Request, schedule: BlockSchedule) -> None:
     block = request.params.block_length
     assert block is not None
-    start = request.prompt_len + schedule.block * block
-    schedule.window_end = start + block
+    schedule.window_end = request.prompt_len + (schedule.block + 1) * block
     schedule.step = 0
     if is_parallel(request.params):
         return  # no plan: the confidences decide each step
-    masked = int((request.canvas[start : start + block] == request.mask_id).sum())
-    schedule.transfer_plan = transfer_counts(masked, _steps_per_block(request))
+    # a block starts all masked (nothing past a window end is ever committed), so the published
+    # count of its masks is its length
+    schedule.transfer_plan = transfer_counts(block, _steps_per_block(request))
 
 
 class LLaDASampler(DecodingStrategy):
@@ -118,7 +119,8 @@ class LLaDASampler(DecodingStrategy):
         block_start = schedule.window_end - block
         return Window(block_start, length if mode == "prefix" else schedule.window_end, length)
 
-    def step(self, batch: StepBatch, rows: list[int]) -> None:
+    def step(self, batch: StepBatch, rows: list[int]) -> Commits:
+        commits = []
         for group in _by_confidence_dtype(batch, rows):
             requests = [batch.requests[r] for r in group]
             ends = [state_of(r, BlockSchedule).window_end for r in requests]
@@ -127,9 +129,11 @@ class LLaDASampler(DecodingStrategy):
             x0 = self._propose(_proposal_logits(logits, candidates), candidates)
             confidence = self.confidence(logits, x0, candidates, batch)
             picks = top_by_confidence(confidence, candidates, commit_counts(confidence, candidates))
-            commit(batch.input_ids, candidates, x0, picks)
-            for request in requests:
-                self._advance(request)
+            commits.append(commit(candidates, x0, picks))
+            # the candidates are the masks of each request's current block (earlier blocks are done)
+            for request, masked, pick in zip(requests, candidates.counts, picks, strict=True):
+                self._advance(request, masked - len(pick))
+        return Commits.join(commits)
 
     @abstractmethod
     def confidence(self, logits: Tensor, x0: Tensor, candidates: Candidates, batch: StepBatch) -> Tensor:
@@ -145,10 +149,12 @@ class LLaDASampler(DecodingStrategy):
                 x0[seg] = gumbel_argmax(_filtered(logits[seg], params), params.temperature, request.generator)
         return x0
 
-    def _advance(self, request: Request) -> None:
+    def _advance(self, request: Request, masks_left: int) -> None:
+        """Count the step; a block ends with its plan, or under a parallel rule with its last mask."""
         schedule = state_of(request, BlockSchedule)
         schedule.step += 1
-        if not _block_done(request, schedule):
+        plan_done = schedule.step >= len(schedule.transfer_plan)
+        if not (masks_left == 0 if is_parallel(request.params) else plan_done):
             return
         schedule.block += 1
         if schedule.window_end >= request.canvas_len:
@@ -238,15 +244,6 @@ def factor_count(confidence: Tensor, factor: float) -> int:
     failing = (ordered.to(torch.float64) < bars).nonzero()
     first = int(failing[0]) if len(failing) else len(ordered)
     return len(ordered) if first >= len(ordered) - 1 else first
-
-
-def _block_done(request: Request, schedule: BlockSchedule) -> bool:
-    if not is_parallel(request.params):
-        return schedule.step >= len(schedule.transfer_plan)
-    block = request.params.block_length
-    assert block is not None
-    end = schedule.window_end - request.prompt_len
-    return request.mask_id not in request.answer[end - block : end]
 
 
 def _ban_end_tokens(logits: Tensor, temperature: float | None, batch: StepBatch) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vdiff.canvas import Commits
 from vdiff.request import Request
 
 
@@ -131,26 +132,18 @@ def top_by_confidence(confidence: Tensor, candidates: Candidates, ks: Sequence[i
     return picks
 
 
-def commit(input_ids: Tensor, candidates: Candidates, x0: Tensor, picks: list[Tensor]) -> None:
-    """Write x0 at each request's picked positions, on its canvas and on the step's batch ids."""
+def commit(candidates: Candidates, x0: Tensor, picks: list[Tensor]) -> Commits:
+    """The commits of x0 at each request's picked canvas positions (the engine applies them)."""
+    device = x0.device
     if len(picks) == 1:  # one request: a handful of ops instead of the batched bookkeeping below
-        request, cols = candidates.requests[0], picks[0]
-        values = x0[torch.searchsorted(candidates.cols, cols)]  # its candidates are sorted by position
-        input_ids[candidates.rows[0], cols] = values
-        if input_ids.data_ptr() != request.canvas.data_ptr():
-            request.canvas[cols] = values
-        request.record(cols.tolist(), values.tolist())
-        return
-    device = input_ids.device
-    tokens = torch.zeros((len(candidates.requests), input_ids.shape[1]), dtype=torch.long, device=device)
-    tokens[candidates.group_rows, candidates.cols] = x0  # (G, L): candidate tokens in canvas layout
-    sizes = [len(cols) for cols in picks]
-    groups = torch.repeat_interleave(torch.arange(len(picks), device=device), torch.tensor(sizes, device=device))
+        cols = picks[0]
+        tokens = x0[torch.searchsorted(candidates.cols, cols)]  # candidates are sorted by position
+        return Commits(torch.full_like(cols, candidates.rows[0]), cols, tokens)
+    width = max(r.canvas_len for r in candidates.requests)
+    layout = torch.zeros((len(candidates.requests), width), dtype=torch.long, device=device)
+    layout[candidates.group_rows, candidates.cols] = x0  # (G, W): candidate tokens in canvas layout
+    sizes = torch.tensor([len(cols) for cols in picks], device=device)
+    groups = torch.repeat_interleave(torch.arange(len(picks), device=device), sizes)
     cols = torch.cat(picks)
-    values = tokens[groups, cols]
-    input_ids[torch.tensor(candidates.rows, device=device)[groups], cols] = values
-    all_cols, all_values, start = cols.tolist(), values.tolist(), 0
-    for request, part, part_cols, size in zip(candidates.requests, values.split(sizes), picks, sizes, strict=True):
-        request.canvas[part_cols] = part
-        request.record(all_cols[start : start + size], all_values[start : start + size])
-        start += size
+    rows = torch.tensor(candidates.rows, device=device)[groups]
+    return Commits(rows, cols, layout[groups, cols])
