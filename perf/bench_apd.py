@@ -34,10 +34,8 @@ def measure(in_flight: int, prompts: int, rounds: int, max_tokens: int, threads:
 
     torch.set_num_threads(threads)
     llm = LLM(model="vdiff-demo", verifier="vdiff-demo-ar", dtype="float32", max_num_seqs=in_flight)
-    template = llm.tokenizer.apply_chat_template
-    ids = [
-        llm.tokenizer.encode(template([{"role": "user", "content": p.question}])) for p in held_out_set(prompts)
-    ]
+    chats = [[{"role": "user", "content": p.question}] for p in held_out_set(prompts)]
+    ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(chat)) for chat in chats]
     results = []
     for name, fields in SETTINGS.items():
         params = SamplingParams(algorithm="apd", temperature=0.0, max_tokens=max_tokens, **fields)
