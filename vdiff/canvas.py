@@ -43,6 +43,9 @@ class Commits:
 
 
 class CanvasPool:
+    # every method that writes the buffer runs in inference mode: the engine steps in it, so the
+    # buffer is an inference tensor once widened there, and aborts arrive from outside it
+    @torch.inference_mode()
     def __init__(self, slots: int, special: SpecialTokens, device: torch.device) -> None:
         self.mask_id = special.mask
         # padding is never attended to, but must not read as a mask where masks are counted
@@ -51,6 +54,7 @@ class CanvasPool:
         self._free = list(range(slots - 1, -1, -1))  # a stack: the lowest slot is taken first
         self._holders: dict[int, Request] = {}
 
+    @torch.inference_mode()
     def place(self, request: Request) -> None:
         """Give a request that starts to run a slot holding its prompt, then masks."""
         assert request.slot is None, f"{request.request_id} already holds slot {request.slot}"
@@ -62,6 +66,7 @@ class CanvasPool:
         request.slot, self._holders[slot] = slot, request
         request.canvas = row[: request.canvas_len]
 
+    @torch.inference_mode()
     def release(self, request: Request) -> None:
         """Free a request's slot; it keeps a copy of its last canvas."""
         slot = request.slot
@@ -86,6 +91,7 @@ class CanvasPool:
             return self.buffer[slots[0] : slots[0] + 1, :longest], index
         return self.buffer[:, :longest].index_select(0, index), index
 
+    @torch.inference_mode()
     def apply(self, requests: Sequence[Request], slots: Tensor, commits: Commits) -> None:
         """Write a step's commits into the buffer, and onto each request's answer list."""
         if not len(commits.rows):
@@ -96,6 +102,7 @@ class CanvasPool:
             request = requests[row]
             request.answer[col - request.prompt_len] = token
 
+    @torch.inference_mode()
     def _widen(self, length: int) -> None:
         width = self.buffer.shape[1]
         if length <= width:

@@ -90,3 +90,18 @@ def test_the_engine_gives_slots_to_running_requests_only_and_frees_them(tiny_lla
         assert all(r.canvas.data_ptr() == engine.canvases.buffer[r.slot].data_ptr() for r in running)
     assert held[0] == [0, 1] and [] in held[-1:]
     assert engine.canvases.buffer.eq(engine.canvases.pad_id).all()
+
+
+def test_an_abort_after_the_buffer_widened_in_a_step_frees_the_slot(tiny_llada: Path) -> None:
+    """The engine steps in inference mode (so the widened buffer is an inference tensor) and
+    servers abort from outside it."""
+    engine = LLM(model=tiny_llada, max_num_seqs=2).engine
+    long = SamplingParams(max_tokens=3 * MIN_WIDTH, steps=3 * MIN_WIDTH, ignore_eos=True)
+    engine.add_request([5, 9, 13], long, request_id="long")
+    engine.add_request([6, 9, 13], SamplingParams(max_tokens=8, steps=8), request_id="short")
+    engine.step()
+    assert engine.canvases.buffer.shape[1] > MIN_WIDTH and torch.is_inference(engine.canvases.buffer)
+    assert engine.abort("long")
+    assert engine.canvases.buffer[0].eq(engine.canvases.pad_id).all()
+    while engine.has_unfinished():
+        engine.step()
