@@ -8,8 +8,9 @@ Each request keeps its own verifier cache (`VerifierState`): the keys and values
 tokens and the verifier's logits for the first position not yet accepted. A round scores the drafts
 at [start, end) (the first round feeds the prompt too), then `accept` crops the cache to the
 accepted prefix. One forward scores the rounds of every APD request of an engine step, packed
-into one sequence with a block-diagonal causal mask (`Verifier._forward_packed`), so that no
-padding costs compute. A lone round runs unmasked, exactly as a batch-1 loop does.
+into one sequence (`Verifier._forward_packed`): the linear layers run on exactly the fed tokens,
+with no padding, and attention runs round by round on each round's own keys. A lone round runs
+as a batch-1 loop does, with the model's own attention.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vdiff.models import Checkpoint, ModelLoadError
@@ -124,9 +126,10 @@ class Verifier:
 
     @property
     def packs(self) -> bool:
-        """Whether rounds can share a forward: the packed layout needs a 4-D mask, which SDPA and
-        eager attention take as it is; other kernels score the rounds one by one."""
-        return self.model.config._attn_implementation in ("sdpa", "eager")
+        """Whether rounds can share a forward: the model must take its attention from transformers'
+        attention interface, where the packed rounds' attention is registered; else the rounds
+        are scored one by one."""
+        return bool(getattr(self.model, "_supports_attention_backend", False))
 
     def _forward_alone(self, round_: VerifierRound, fed: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """(fed, V) logits and the row's keys and values: no mask, exactly as a batch-1 loop runs."""
@@ -140,44 +143,89 @@ class Verifier:
         """Every round's fed tokens packed into one sequence, so that the linear layers run on
         exactly those tokens; per round, its (fed, V) logits and its keys and values.
 
-        Keys are [every round's cache, round after round | every round's fed tokens]; a fed token
-        attends to its own round's cache and its round's fed tokens up to itself (a block-diagonal
-        causal mask), at its round's own positions.
+        Keys are [every round's cache, round after round | every round's fed tokens]. Attention
+        (`packed_rounds_attention`) runs round by round: a fed token attends to its own round's
+        cache and its round's fed tokens up to itself, at its round's own positions.
         """
-        device = fed[0].device
-        cached = torch.tensor([r.state.cached_length for r in rounds], device=device)
-        lengths = torch.tensor([len(t) for t in fed], device=device)
-        starts = [int(c) for c in torch.cumsum(cached, 0) - cached]  # each round's first cached key
-        offsets = [int(n) for n in torch.cumsum(lengths, 0) - lengths]  # each round's first fed token
-        positions = [torch.arange(int(c), int(c + n), device=device) for c, n in zip(cached, lengths, strict=True)]
+        layout = PackedRounds.of([r.state.cached_length for r in rounds], [len(t) for t in fed], fed[0].device)
         cache = _packed_cache(rounds)
-        logits = self.model(
-            torch.cat(fed)[None],
-            attention_mask=self._block_causal_mask(cached, lengths),
-            position_ids=torch.cat(positions)[None],
-            past_key_values=cache,
-            use_cache=True,
-        ).logits[0]  # (T, V)
-        prefix = int(cached.sum())
+        config = self.model.config
+        backend, config._attn_implementation = config._attn_implementation, _use_packed_attention()
+        try:
+            logits = self.model(
+                torch.cat(fed)[None], position_ids=layout.positions[None], past_key_values=cache,
+                use_cache=True, packed_rounds=layout,
+            ).logits[0]  # fmt: skip  # (T, V)
+        finally:
+            config._attn_implementation = backend
         results = []
-        for start, count, offset, length in zip(starts, cached.tolist(), offsets, lengths.tolist(), strict=True):
-            own = [slice(start, start + count), slice(prefix + offset, prefix + offset + length)]
+        for part in layout.parts:
+            own = [part.cached_keys, part.fed_keys]
             layers = [(_joined(layer.keys, own), _joined(layer.values, own)) for layer in cache.layers]
-            results.append((logits[offset : offset + length], layers))
+            results.append((logits[part.fed], layers))
         return results
 
-    def _block_causal_mask(self, cached: Tensor, lengths: Tensor) -> Tensor:
-        """(1, 1, T, C + T) additive mask for the packed layout (C cached keys, T fed tokens)."""
-        device = cached.device
-        rounds = torch.arange(len(cached), device=device)
-        fed_round = rounds.repeat_interleave(lengths)  # (T,)
-        key_round = torch.cat([rounds.repeat_interleave(cached), fed_round])  # (C + T,)
-        order = torch.arange(len(fed_round), device=device)
-        key_order = torch.cat([order.new_full((int(cached.sum()),), -1), order])  # a cached key precedes all
-        allowed = (fed_round[:, None] == key_round) & (key_order <= order[:, None])  # (T, C + T)
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+@dataclass(frozen=True)
+class PackedPart:
+    """Where one round sits in a packed forward."""
+
+    cached_keys: slice  # its cache among the keys
+    fed: slice  # its fed tokens among the queries
+    fed_keys: slice  # the same tokens among the keys, after every cache
+    allowed: Tensor  # (fed, cached + fed) bool: causal over its fed tokens, all of its cache
+
+
+@dataclass(frozen=True)
+class PackedRounds:
+    """The layout of a packed verifier forward: C cached keys, then T fed tokens."""
+
+    parts: list[PackedPart]
+    positions: Tensor  # (T,) each fed token's position in its own round
+
+    @classmethod
+    def of(cls, cached: list[int], fed: list[int], device: torch.device) -> PackedRounds:
+        prefix, key_start, query_start = sum(cached), 0, 0
+        parts, positions = [], []
+        for count, length in zip(cached, fed, strict=True):
+            keys = torch.arange(count + length, device=device)
+            allowed = keys <= count + torch.arange(length, device=device)[:, None]
+            fed_slice = slice(query_start, query_start + length)
+            fed_keys = slice(prefix + query_start, prefix + query_start + length)
+            parts.append(PackedPart(slice(key_start, key_start + count), fed_slice, fed_keys, allowed))
+            positions.append(torch.arange(count, count + length, device=device))
+            key_start, query_start = key_start + count, query_start + length
+        return cls(parts, torch.cat(positions))
+
+
+PACKED_ATTENTION = "vdiff_packed_rounds"
+
+
+def packed_rounds_attention(
+    module: Any, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
+) -> tuple[Tensor, None]:
+    """transformers' attention-interface function for a packed forward: (1, H, T, D) queries and
+    (1, K, C + T, D) keys and values laid out as `PackedRounds` says; (1, T, H, D) out.
+
+    Each round attends to its own keys only, so no work is spent across rounds."""
+    layout: PackedRounds = kwargs["packed_rounds"]
+    gqa = query.shape[1] != key.shape[1]
+    outputs = []
+    for part in layout.parts:
+        own = [part.cached_keys, part.fed_keys]
+        outputs.append(F.scaled_dot_product_attention(
+            query[:, :, part.fed], _joined(key, own), _joined(value, own), attn_mask=part.allowed,
+            scale=kwargs.get("scaling"), enable_gqa=gqa,
+        ))  # fmt: skip
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _use_packed_attention() -> str:
+    """Register the packed rounds' attention with transformers (once); its name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_rounds_attention)
+    return PACKED_ATTENTION
 
 
 def _joined(packed: Tensor, parts: list[slice]) -> Tensor:
