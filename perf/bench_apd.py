@@ -5,9 +5,9 @@
 Each configuration (two APD settings, at 1 and 16 in flight) answers the first N held-out chat
 prompts at temperature 0, after one warm-up pass. Each round is a fresh process per checkout:
 with `--baseline PATH` (another checkout of vdiff, for example `git worktree add /tmp/before
-COMMIT`) the baseline's round and this checkout's alternate, and the speed-up is the median of the
-per-round ratios, since this shared machine's speed drifts between rounds. `tokens_sha` shows
-whether both produced the same tokens.
+COMMIT`) the baseline's round and this checkout's alternate, in ABBA order, and the speed-up is
+the median of the per-round ratios, since this shared machine's speed drifts between rounds.
+`tokens_sha` shows whether both produced the same tokens.
 """
 
 from __future__ import annotations
@@ -63,9 +63,7 @@ def one_round(in_flight: list[int], prompts: int, max_tokens: int, threads: int)
 
 def run_round(checkout: Path | None, args: argparse.Namespace) -> list[dict[str, Any]]:
     """One round in a fresh process, importing vdiff from `checkout` (None: this one)."""
-    env = dict(os.environ)
-    if checkout is not None:
-        env["PYTHONPATH"] = str(checkout)
+    env = dict(os.environ, PYTHONPATH=str(checkout or ROOT))  # first on the path, before any install
     command = [sys.executable, __file__, "--child", "--threads", str(args.threads), "--prompts", str(args.prompts),
                "--max-tokens", str(args.max_tokens), "--in-flight", *map(str, args.in_flight)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -76,7 +74,8 @@ def summary(rounds: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     rows = []
     for i, first in enumerate(rounds[0]):
         speeds = [r[i]["tokens_per_s"] for r in rounds]
-        rows.append({**first, "tokens_per_s": statistics.median(speeds), "rounds": speeds})
+        seconds = statistics.median(r[i]["seconds"] for r in rounds)
+        rows.append({**first, "seconds": seconds, "tokens_per_s": statistics.median(speeds), "rounds": speeds})
     return rows
 
 
@@ -96,9 +95,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     ours, theirs = [], []
     for number in range(args.rounds):
-        if args.baseline is not None:
+        if args.baseline is not None and number % 2:  # ABBA: neither checkout always runs first
+            ours.append(run_round(None, args))
             theirs.append(run_round(args.baseline, args))
-        ours.append(run_round(None, args))
+        else:
+            if args.baseline is not None:
+                theirs.append(run_round(args.baseline, args))
+            ours.append(run_round(None, args))
         base = [r["tokens_per_s"] for r in theirs[-1]] if theirs else []
         print(f"round {number + 1}: tokens/s {[r['tokens_per_s'] for r in ours[-1]]}, baseline {base}")
     report: dict[str, Any] = {"setup": vars(args) | {"out": str(args.out), "baseline": str(args.baseline)}}

@@ -43,8 +43,8 @@ class Commits:
 
 
 class CanvasPool:
-    # every method that writes the buffer runs in inference mode: the engine steps in it, so the
-    # buffer is an inference tensor once widened there, and aborts arrive from outside it
+    # every method that writes the buffer runs in inference mode, so the buffer is an inference
+    # tensor throughout: the engine steps in inference mode, and aborts arrive from outside it
     @torch.inference_mode()
     def __init__(self, slots: int, special: SpecialTokens, device: torch.device) -> None:
         self.mask_id = special.mask
@@ -59,10 +59,11 @@ class CanvasPool:
         """Give a request that starts to run a slot holding its prompt, then masks."""
         assert request.slot is None, f"{request.request_id} already holds slot {request.slot}"
         self._widen(request.canvas_len)
-        slot = self._free.pop()
+        slot = self._free[-1]
         row = self.buffer[slot]
         row[: request.prompt_len] = torch.tensor(request.prompt_ids, dtype=torch.long)
         row[request.prompt_len : request.canvas_len] = self.mask_id
+        self._free.pop()  # only once the row is written: a failure above loses no slot
         request.slot, self._holders[slot] = slot, request
         request.canvas = row[: request.canvas_len]
 

@@ -1,12 +1,13 @@
 """The diffusion engine: continuous batching at the granularity of one denoising step.
 
 `step()` is the whole algorithm: the scheduler picks the running set, the runner runs one forward
-over all their canvases, each request's decoding strategy commits tokens on its own canvas, and
-every request whose stable prefix (the generated tokens before the first masked position) grew
-reports it. Requests join and leave between steps, at different blocks and steps of their own
-schedules. A request finishes as soon as its answer is settled: a stop token, stop string or
-max_tokens inside the stable prefix. Committed tokens never change, so this early exit gives
-the same answer, up to and including the first stop token, as running the schedule to its end.
+over all their canvases, each request's decoding strategy chooses the tokens to commit, the engine
+writes them into the canvas pool at once, and every request whose stable prefix (the generated
+tokens before the first masked position) grew reports it. Requests join and leave between steps,
+at different blocks and steps of their own schedules. A request finishes as soon as its answer
+is settled: a stop token, stop string or max_tokens inside the stable prefix. Committed tokens
+never change, so this early exit gives the same answer, up to and including the first stop
+token, as running the schedule to its end.
 """
 
 from __future__ import annotations
@@ -107,16 +108,25 @@ class Engine:
             if request.slot is None:  # admitted by this schedule
                 self.canvases.place(request)
         batch = self.runner.forward(running)
+        try:
+            self.canvases.apply(batch.requests, batch.slots, self._decide(batch, running))
+        except BaseException:  # schedules may have moved without their commits: end those requests
+            for request in list(running):
+                self.abort(request.request_id)
+            raise
+        outputs += self._report(batch)
+        self.scheduler.retire_finished()
+        return outputs
+
+    def _decide(self, batch: StepBatch, running: list[Request]) -> Commits:
+        """Every strategy's commits for this step, from the one forward."""
         commits = []
         for strategy, rows in _rows_by_strategy(running).items():
             if self.config.batch_invariant:  # each request's decisions on the shapes it has alone
                 commits += [strategy.step(batch, [row]) for row in rows]
             else:
                 commits.append(strategy.step(batch, rows))
-        self.canvases.apply(batch.requests, batch.slots, Commits.join(commits))
-        outputs += self._report(batch)
-        self.scheduler.retire_finished()
-        return outputs
+        return Commits.join(commits)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request, waiting or running; its final output (finish reason abort) comes with the next step."""

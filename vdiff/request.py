@@ -1,9 +1,8 @@
 """The one object that carries a request from admission to its last output.
 
 The scheduler moves it between queues, the runner reads its canvas, its decoding strategy
-chooses the tokens to commit and advances its schedule, the engine applies the commits and reports
-what became final. Nothing else
-travels between them.
+chooses the tokens to commit and advances its schedule, the engine applies the commits and
+reports what became final. Nothing else travels between them.
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
 """One forward pass for every running request: the only place requests become model tensors.
 
 Canvases of different lengths, gathered from the engine's CanvasPool, are right-padded into one
-(B, L) batch. Right padding keeps every
-canvas at positions 0..len-1, as when it runs alone, and padding is masked on the key side only,
-so a request's logits do not depend on its neighbours beyond floating-point reduction order.
-Classifier-free guidance adds one unconditional row (the prompt masked out) per request that asks
-for it, in the same forward. When a request in the step keeps a KV cache or feeds less than its
-canvas (APD's lookahead), each row feeds only the window its strategy names, at its absolute
-positions, and attends to its cached canvas (vdiff/kv_cache.py); logits then cover each row's
-window, and `offsets` say where it starts.
+(B, L) batch. Right padding keeps every canvas at positions 0..len-1, as when it runs alone, and
+padding is masked on the key side only, so a request's logits do not depend on its neighbours
+beyond floating-point reduction order. Classifier-free guidance adds one unconditional row (the
+prompt masked out) per request that asks for it, in the same forward. When a request in the step
+keeps a KV cache or feeds less than its canvas (APD's lookahead), each row feeds only the window
+its strategy names, at its absolute positions, and attends to its cached canvas
+(vdiff/kv_cache.py); logits then cover each row's window, and `offsets` say where it starts.
 
 In batch-invariant mode (vdiff/models/invariant.py) every row is padded to whole tiles, the model
 gets each row's real query and key lengths so that it attends one row at a time, and row-local
@@ -45,7 +44,9 @@ MIN_HEAD_ROWS = 16
 @dataclass
 class StepBatch:
     requests: list[Request]
-    input_ids: Tensor  # (B, L) the canvases as the step found them, right-padded
+    # (B, L) the canvases as the step found them, right-padded: a copy gathered from the pool, or
+    # for a lone request its pool row itself (which the engine's commits change after the step)
+    input_ids: Tensor
     slots: Tensor  # (B,) each row's slot in the CanvasPool, where the engine applies commits
     # (R, Q, D) per row and query: the last hidden states (D = hidden size) when `head` is set,
     # else the logits (D = V); rows B.. are the CFG unconditional canvases

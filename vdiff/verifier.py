@@ -15,6 +15,7 @@ as a batch-1 loop does, with the model's own attention.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +31,13 @@ from vdiff.tokenizer import Tokenizer
 class VerifierState:
     """One request's verifier cache."""
 
-    # per layer, the keys and values of the accepted tokens: (1, H, accepted length, D) each
+    # per layer, the keys and values of the accepted tokens: (1, K, accepted length, D) each,
+    # K the key/value heads
     layers: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     next_logits: Tensor | None = None  # (V,) logits for the first position not yet accepted
     scored: Tensor | None = None  # (n + 1, V) this round's logits for positions start .. start + n
-    fed: list[tuple[Tensor, Tensor]] = field(default_factory=list)  # per layer, mid-round: (1, H, start + n, D)
+    # mid-round, per layer: the keys and values through the drafts, (1, K, start + n, D) each
+    pending: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
     @property
     def cached_length(self) -> int:
@@ -94,20 +97,20 @@ class Verifier:
 
     def score(self, rounds: list[VerifierRound]) -> list[Tensor]:
         """Per round, (n, V) verifier logits for the n draft positions [start, start + n), each
-        conditioned on the context and the drafts before it; one forward for all rounds."""
+        conditioned on the context and the drafts before it: one forward for all rounds where the
+        model can pack them (`packs`), else one forward each."""
         fed = [r.fed for r in rounds]
         if len(rounds) > 1 and self.packs:
             results = self._forward_packed(rounds, fed)
         else:
             results = [self._forward_alone(r, tokens) for r, tokens in zip(rounds, fed, strict=True)]
         scored = []
-        for round_, (fresh, layers) in zip(rounds, results, strict=True):
+        for round_, (read, layers) in zip(rounds, results, strict=True):
             state = round_.state
-            if state.next_logits is None:  # the first round: the row before the drafts predicts the first
-                rows = fresh[len(round_.context) - 1 :]
-            else:  # the last round's logits predicted `start`
-                rows = torch.cat([state.next_logits[None], fresh])
-            state.scored, state.fed = rows, layers  # (n + 1, V): the last row predicts the position after
+            # in a first round the row before the drafts predicts the first; later, the last
+            # round's logits predicted `start`
+            rows = read if state.next_logits is None else torch.cat([state.next_logits[None], read])
+            state.scored, state.pending = rows, layers  # (n + 1, V): the last row predicts the one after
             scored.append(rows[:-1])
         return scored
 
@@ -121,48 +124,62 @@ class Verifier:
         """
         assert state.scored is not None
         end = start + accepted
-        state.layers = [(k[..., :end, :].clone(), v[..., :end, :].clone()) for k, v in state.fed]
-        state.next_logits, state.scored, state.fed = state.scored[accepted].clone(), None, []
+        state.layers = [(k[..., :end, :].clone(), v[..., :end, :].clone()) for k, v in state.pending]
+        state.next_logits, state.scored, state.pending = state.scored[accepted].clone(), None, []
 
     @property
     def packs(self) -> bool:
-        """Whether rounds can share a forward: the model must take its attention from transformers'
-        attention interface, where the packed rounds' attention is registered; else the rounds
-        are scored one by one."""
-        return bool(getattr(self.model, "_supports_attention_backend", False))
+        """Whether rounds can share a forward. The model must take its attention from transformers'
+        attention interface, where the packed rounds' attention is registered, and attend plainly:
+        sliding windows, logit soft-capping and attention sinks are not reproduced there, so such
+        a verifier scores its rounds one by one."""
+        config = self.model.config
+        layer_types = getattr(config, "layer_types", None) or []
+        plain = (
+            all(kind == "full_attention" for kind in layer_types)
+            and not (getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None))
+            and getattr(config, "attn_logit_softcapping", None) is None
+            and config.model_type not in ("gpt_oss",)
+        )  # fmt: skip
+        return plain and bool(getattr(self.model, "_supports_attention_backend", False))
 
     def _forward_alone(self, round_: VerifierRound, fed: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """(fed, V) logits and the row's keys and values: no mask, exactly as a batch-1 loop runs."""
+        """The round's rows read (from the one before the drafts) and its keys and values, with the
+        model's own attention and its whole output, exactly as a batch-1 loop runs."""
         cache = _packed_cache([round_])
-        logits = self.model(fed[None], past_key_values=cache, use_cache=True).logits[0]
-        return logits, [(layer.keys, layer.values) for layer in cache.layers]
+        logits = self.model(fed[None], past_key_values=cache, use_cache=True).logits[0]  # (fed, V)
+        read = logits if round_.state.layers else logits[len(round_.context) - 1 :]
+        return read, [(layer.keys, layer.values) for layer in cache.layers]
 
     def _forward_packed(
         self, rounds: list[VerifierRound], fed: list[Tensor]
     ) -> list[tuple[Tensor, list[tuple[Tensor, Tensor]]]]:
         """Every round's fed tokens packed into one sequence, so that the linear layers run on
-        exactly those tokens; per round, its (fed, V) logits and its keys and values.
+        exactly those tokens; per round, the rows read and its keys and values.
 
         Keys are [every round's cache, round after round | every round's fed tokens]. Attention
         (`packed_rounds_attention`) runs round by round: a fed token attends to its own round's
-        cache and its round's fed tokens up to itself, at its round's own positions.
+        cache and its round's fed tokens up to itself, at its round's own positions. The head runs
+        only on the rows read (a first round's prompt rows are not), so the logits held stay small.
         """
-        layout = PackedRounds.of([r.state.cached_length for r in rounds], [len(t) for t in fed], fed[0].device)
+        skips = [0 if r.state.layers else len(r.context) - 1 for r in rounds]
+        cached = [r.state.cached_length for r in rounds]
+        layout = PackedRounds.of(cached, [len(t) for t in fed], skips, fed[0].device)
         cache = _packed_cache(rounds)
         config = self.model.config
         backend, config._attn_implementation = config._attn_implementation, _use_packed_attention()
         try:
             logits = self.model(
                 torch.cat(fed)[None], position_ids=layout.positions[None], past_key_values=cache,
-                use_cache=True, packed_rounds=layout,
-            ).logits[0]  # fmt: skip  # (T, V)
+                use_cache=True, logits_to_keep=layout.read_rows, packed_rounds=layout,
+            ).logits[0]  # fmt: skip  # (rows read, V)
         finally:
             config._attn_implementation = backend
         results = []
         for part in layout.parts:
             own = [part.cached_keys, part.fed_keys]
             layers = [(_joined(layer.keys, own), _joined(layer.values, own)) for layer in cache.layers]
-            results.append((logits[part.fed], layers))
+            results.append((logits[part.read], layers))
         return results
 
 
@@ -173,6 +190,7 @@ class PackedPart:
     cached_keys: slice  # its cache among the keys
     fed: slice  # its fed tokens among the queries
     fed_keys: slice  # the same tokens among the keys, after every cache
+    read: slice  # its rows among the logits kept
     allowed: Tensor  # (fed, cached + fed) bool: causal over its fed tokens, all of its cache
 
 
@@ -182,20 +200,24 @@ class PackedRounds:
 
     parts: list[PackedPart]
     positions: Tensor  # (T,) each fed token's position in its own round
+    read_rows: Tensor  # (rows read,) the fed tokens whose logits are read, in order
 
     @classmethod
-    def of(cls, cached: list[int], fed: list[int], device: torch.device) -> PackedRounds:
-        prefix, key_start, query_start = sum(cached), 0, 0
-        parts, positions = [], []
-        for count, length in zip(cached, fed, strict=True):
+    def of(cls, cached: list[int], fed: list[int], skips: list[int], device: torch.device) -> PackedRounds:
+        """`skips`: per round, the fed tokens before its first row read."""
+        prefix, key_start, query_start, read_start = sum(cached), 0, 0, 0
+        parts, positions, read_rows = [], [], []
+        for count, length, skip in zip(cached, fed, skips, strict=True):
             keys = torch.arange(count + length, device=device)
             allowed = keys <= count + torch.arange(length, device=device)[:, None]
             fed_slice = slice(query_start, query_start + length)
             fed_keys = slice(prefix + query_start, prefix + query_start + length)
-            parts.append(PackedPart(slice(key_start, key_start + count), fed_slice, fed_keys, allowed))
+            read = slice(read_start, read_start + length - skip)
+            parts.append(PackedPart(slice(key_start, key_start + count), fed_slice, fed_keys, read, allowed))
             positions.append(torch.arange(count, count + length, device=device))
-            key_start, query_start = key_start + count, query_start + length
-        return cls(parts, torch.cat(positions))
+            read_rows.append(torch.arange(query_start + skip, query_start + length, device=device))
+            key_start, query_start, read_start = key_start + count, query_start + length, read.stop
+        return cls(parts, torch.cat(positions), torch.cat(read_rows))
 
 
 PACKED_ATTENTION = "vdiff_packed_rounds"
@@ -209,19 +231,24 @@ def packed_rounds_attention(
 
     Each round attends to its own keys only, so no work is spent across rounds."""
     layout: PackedRounds = kwargs["packed_rounds"]
-    gqa = query.shape[1] != key.shape[1]
+    for option in ("sliding_window", "softcap", "s_aux"):
+        assert kwargs.get(option) is None, f"packed verifier rounds do not support {option} (Verifier.packs)"
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention; a mask with enable_gqa takes SDPA's slowest kernel
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     outputs = []
     for part in layout.parts:
         own = [part.cached_keys, part.fed_keys]
         outputs.append(F.scaled_dot_product_attention(
             query[:, :, part.fed], _joined(key, own), _joined(value, own), attn_mask=part.allowed,
-            scale=kwargs.get("scaling"), enable_gqa=gqa,
+            scale=kwargs.get("scaling"),
         ))  # fmt: skip
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
+@functools.cache
 def _use_packed_attention() -> str:
-    """Register the packed rounds' attention with transformers (once); its name."""
+    """Register the packed rounds' attention with transformers, on first use; its name."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_rounds_attention)
@@ -229,7 +256,7 @@ def _use_packed_attention() -> str:
 
 
 def _joined(packed: Tensor, parts: list[slice]) -> Tensor:
-    """One round's (1, H, cached + fed, D) keys or values from a packed layer's parts."""
+    """One round's (1, K, cached + fed, D) keys or values from a packed layer's parts."""
     return torch.cat([packed[:, :, part] for part in parts], dim=2)
 
 
@@ -240,6 +267,8 @@ def _packed_cache(rounds: list[VerifierRound]) -> Any:
     kept = [r.state.layers for r in rounds if r.state.layers]
     if not kept:
         return DynamicCache()
+    if len(kept) == 1:
+        return DynamicCache(kept[0])
     layers = zip(*kept, strict=True)  # per layer, each round's (keys, values)
     return DynamicCache([(torch.cat([k for k, _ in layer], dim=2), torch.cat([v for _, v in layer], dim=2))
                          for layer in layers])  # fmt: skip

@@ -188,8 +188,9 @@ def copied(state: VerifierState) -> VerifierState:
 def test_drafts_after_a_stop_token_are_not_verified() -> None:
     eos = 97
     tokens = torch.tensor([5, 6, eos, 8, eos, 9])
-    draft = Draft.of(tokens, torch.zeros(6, 128), None, torch.tensor([eos, 98]))
+    draft = Draft.of(tokens, torch.arange(6.0)[:, None].expand(6, 128), None, torch.tensor([eos, 98]))
     assert draft.judged.tolist() == [5, 6, eos]
+    assert draft.logits.shape == (3, 128) and draft.logits[:, 0].tolist() == [0.0, 1.0, 2.0]
     assert Draft.of(tokens[:2], torch.zeros(2, 128), None, torch.tensor([eos])).judged.tolist() == [5, 6]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from vdiff import LLM, SamplingParams
@@ -105,3 +106,27 @@ def test_an_abort_after_the_buffer_widened_in_a_step_frees_the_slot(tiny_llada: 
     assert engine.canvases.buffer[0].eq(engine.canvases.pad_id).all()
     while engine.has_unfinished():
         engine.step()
+
+
+def test_a_step_that_fails_mid_decision_ends_its_requests_and_the_engine_serves_on(
+    tiny_llada: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A strategy that raises (an out-of-memory, say) after another advanced its schedules: the
+    running requests end as aborted, their slots free, and later requests run normally."""
+    llm = LLM(model=tiny_llada, max_num_seqs=4)
+    engine = llm.engine
+    engine.add_request([5, 9, 13], SamplingParams(max_tokens=8, steps=8), request_id="schedule")
+    engine.add_request([6, 9, 13], SamplingParams(algorithm="entropy", max_tokens=8, steps=8), request_id="dream-like")
+    engine.step()
+
+    def fail(batch: object, rows: list[int]) -> None:
+        raise MemoryError("out of memory in a strategy")
+
+    monkeypatch.setattr(get_strategy("entropy"), "step", fail)
+    with pytest.raises(MemoryError):
+        engine.step()
+    monkeypatch.undo()
+    assert not engine.scheduler.running and engine.canvases.buffer.eq(engine.canvases.pad_id).all()
+    assert {o.finish_reason for o in engine.step()} == {"abort"}
+    out = llm.generate([[7, 9, 13]], SamplingParams(max_tokens=8, steps=8))[0]
+    assert out.finish_reason in ("stop", "length") and out.token_ids

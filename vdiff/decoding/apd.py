@@ -139,18 +139,23 @@ class Draft:
     """One request's drafts for a round and what judging them needs."""
 
     tokens: Tensor  # (n,)
-    logits: Tensor  # (n, V) float32 diffusion logits, the mask id and rows past the verifier's banned
-    noise: Tensor | None  # (n, V) the Gumbel noise drafts and choices share above temperature 0
     judged: Tensor  # (m,) the drafts up to and including the first stop token, m <= n
+    # (m, V) the judged drafts' float32 diffusion logits, the mask id and rows past the
+    # verifier's banned, and the Gumbel noise drafts and choices share above temperature 0
+    logits: Tensor
+    noise: Tensor | None
 
     @classmethod
     def of(cls, tokens: Tensor, logits: Tensor, noise: Tensor | None, stop_ids: Tensor) -> Draft:
         """Drafts after a stop token can never be needed: accepting them would accept the stop
         token, which ends the answer. The verifier is causal, so its scores up to the stop token
-        do not depend on them either; leaving them out changes no decision."""
+        do not depend on them either; leaving them out changes no decision. Only the judged rows
+        are kept (copied when fewer), since every APD request's drafts are held until judged."""
         stops = torch.isin(tokens, stop_ids).nonzero()
-        judged = tokens if not len(stops) else tokens[: int(stops[0]) + 1]
-        return cls(tokens, logits, noise, judged)
+        if not len(stops):
+            return cls(tokens, tokens, logits, noise)
+        count = int(stops[0]) + 1
+        return cls(tokens, tokens[:count], logits[:count].clone(), None if noise is None else noise[:count].clone())
 
 
 def _lookahead_end(request: Request) -> int:
@@ -174,11 +179,11 @@ def _judge(request: Request, draft: Draft, verified: Tensor) -> int:
     prefix of drafts equal to the mixture's choice, and at least one."""
     params = request.params
     verified = verified.float()
-    count, width = len(draft.judged), min(draft.logits.shape[-1], verified.shape[-1])
+    width = min(draft.logits.shape[-1], verified.shape[-1])
     weight = params.apd_mixture_weight
     assert weight is not None
-    mixture = weight * draft.logits[:count, :width] + (1 - weight) * verified[:, :width]
-    choice = _draw(mixture, None if draft.noise is None else draft.noise[:count, :width], params)
+    mixture = weight * draft.logits[:, :width] + (1 - weight) * verified[:, :width]
+    choice = _draw(mixture, None if draft.noise is None else draft.noise[:, :width], params)
     agree = draft.judged == choice
     agree[0] = True  # every round commits at least one token
     return int(agree.long().cumprod(0).sum())

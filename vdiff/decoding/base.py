@@ -4,11 +4,10 @@ A strategy owns one family of schedules: it resolves the parameters it reads, se
 schedule when the request is admitted, names the canvas window whose logits its next step reads
 (the whole canvas unless the request caches), and once per engine step chooses the tokens to
 commit on the canvases of all its requests from one shared forward pass, returned as `Commits`
-that the engine applies. Strategies are stateless: `start`
-returns the request's own progress as a typed `StrategyState` that the Request carries (blocks and
-their plan, diffusion times, APD's cursor and verifier cache), so one instance serves every
-request that names it. The engine and the
-scheduler only ever call these methods, so new strategies (threshold decoding, cached
+that the engine applies. Strategies are stateless: `start` returns the request's own progress as
+a typed `StrategyState` that the Request carries (blocks and their plan, diffusion times, APD's
+cursor and verifier cache), so one instance serves every request that names it. The engine and
+the scheduler only ever call these methods, so new strategies (threshold decoding, cached
 forwards, APD) slot in without touching either.
 """
 
