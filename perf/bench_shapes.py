@@ -5,9 +5,10 @@
 A random LLaDA with LLaDA-8B's vocabulary (126,464 rows), d_model 512, 2 layers, float32, written
 once by tools/make_tiny_model.py under --workdir. Each run is a fresh process (peak RSS is per
 process): N requests of a 64-token prompt and 256 generated tokens in blocks of 32, one token
-per step, and the mean time of the steps of the first block once all N run. `--label` names the
-runs in the JSON, so that a run of an older checkout (PYTHONPATH=that/checkout) and of this
-one sit side by side: the issue's "before" and "after".
+per step, and the mean time of the steps of the first block once all N run, then each part's
+share of the CPU time of four more steps (torch.profiler: LM head, other vocabulary-wide ops, the
+rest). `--label` names the runs in the JSON, so that a run of an older checkout
+(PYTHONPATH=that/checkout) and of this one sit side by side: the issue's "before" and "after".
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 SHAPE = ["--arch", "llada", "--layers", "2", "--hidden", "512", "--heads", "8", "--intermediate", "1536",
          "--embedding-rows", "126464", "--max-len", "512", "--dtype", "float32"]  # fmt: skip
 PROMPT, GENERATED, BLOCK = 64, 256, 32
+VOCAB = 126464
+PROFILED_STEPS = 4  # profiled after the timed ones: the next block's first, the same work a step
+MATMULS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "aten::bmm"}
 
 
 def one_run(model: str, in_flight: int) -> dict[str, Any]:
@@ -44,8 +48,30 @@ def one_run(model: str, in_flight: int) -> dict[str, Any]:
     for _ in range(BLOCK - 1):
         engine.step()
     step_s = (time.perf_counter() - started) / (BLOCK - 1)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"in_flight": in_flight, "step_ms": round(step_s * 1000, 1), "peak_rss_mb": round(peak_mb)}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the profiler's own
+    shares = profile_shares(engine, PROFILED_STEPS)
+    return {"in_flight": in_flight, "step_ms": round(step_s * 1000, 1), "peak_rss_mb": round(peak_mb),
+            "shares": shares}  # fmt: skip
+
+
+def profile_shares(engine: Any, steps: int) -> dict[str, float]:
+    """Each part's share of the CPU time of `steps` more steps, from torch.profiler's op events:
+    the LM head (matrix products with a vocabulary-wide operand), other vocabulary-wide ops
+    (softmax, argmax, gather, copies over (N, V)), and the rest. Works on any checkout: it reads
+    the ops' input shapes, not vdiff's code."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            engine.step()
+    parts = {"lm_head": 0.0, "vocab_wide": 0.0, "rest": 0.0}
+    for event in prof.events():
+        shapes = [shape for shape in event.input_shapes if shape]
+        wide = any(VOCAB in shape for shape in shapes)
+        part = "rest" if not wide else "lm_head" if event.name in MATMULS else "vocab_wide"
+        parts[part] += event.self_cpu_time_total
+    total = sum(parts.values())
+    return {name: round(value / total, 3) for name, value in parts.items()}
 
 
 def checkpoint(workdir: Path) -> Path:
