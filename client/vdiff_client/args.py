@@ -79,7 +79,6 @@ IGNORED_FLAGS: tuple[tuple[tuple[str, ...], bool], ...] = (
     (("--disable-custom-all-reduce",), False),
     (("--disable-frontend-multiprocessing",), False),
     (("--async-scheduling",), False),
-    (("--enable-tokenizer-info-endpoint",), False),
 )
 
 
@@ -146,6 +145,8 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
     http.add_argument("--enable-request-id-headers", action="store_true", help="echo X-Request-Id on responses")
     http.add_argument("--disable-fastapi-docs", action="store_true")
     http.add_argument("--enable-force-include-usage", action="store_true", help="usage chunk on every stream")
+    http.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                      help="serve GET /tokenizer_info: the tokenizer's configuration and chat template")  # fmt: skip
     http.add_argument("--trust-request-chat-template", action="store_true",
                       help="accept a chat_template in requests (off: 400, as in vLLM)")  # fmt: skip
     http.add_argument("--enable-log-requests", action="store_true")

@@ -65,6 +65,7 @@ class ProxyConfig:
     model_dir: str | None = None  # where the model's generation_config.json is, for `auto`
     enable_force_include_usage: bool = False
     enable_request_id_headers: bool = False
+    enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info, as vLLM serves it with the flag
     enable_log_requests: bool = False
     max_log_len: int | None = None
     rate_limits: RateLimits = RateLimits()  # per API key, or per address without keys

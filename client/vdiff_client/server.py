@@ -95,11 +95,11 @@ async def until_disconnect(raw: Request, work: Awaitable[T]) -> T:
 # entrypoints/openai/server_utils.py, commit 029329a8eded), so its /tokenize and /detokenize answer
 # without a key, as its security guide lists (PR #58028, which would guard them, is still open).
 # Here they need the key: they run the tokenizer and the chat template on whatever a client sends.
-GUARDED_PATHS = ("/tokenize", "/detokenize")
+GUARDED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class APIKeyMiddleware:
-    """`--api-key`: /v1 routes, /tokenize and /detokenize need `Authorization: Bearer <key>`;
+    """`--api-key`: /v1 routes, /tokenize, /detokenize and /tokenizer_info need `Authorization: Bearer <key>`;
     health, version, metrics and CORS preflight stay open."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
@@ -247,6 +247,12 @@ def build_app(
 
         body = await tokenizer.run(len(request.tokens), decoded)
         return Response(body, media_type="application/json")
+
+    if config.enable_tokenizer_info_endpoint:  # vLLM registers it only with the flag, too
+
+        @app.get("/tokenizer_info")
+        async def tokenizer_info() -> JSONResponse:
+            return JSONResponse(tokenizer.info())
 
     return app
 

@@ -138,6 +138,18 @@ class ProxyTokenizer:
         strs: list[str] = self.hf.convert_ids_to_tokens(list(ids))
         return strs
 
+    def info(self) -> dict[str, Any]:
+        """What GET /tokenizer_info answers, as vLLM does: the tokenizer's init_kwargs as JSON
+        (added tokens as their text), without the paths of its files on this server, plus its
+        class and the chat template in use."""
+        config = {key: _as_json(value) for key, value in dict(getattr(self.hf, "init_kwargs", {}) or {}).items()
+                  if key not in FILE_KWARGS}  # fmt: skip
+        config["tokenizer_class"] = type(self.hf).__name__
+        template = getattr(self.hf, "chat_template", None)
+        if isinstance(template, str):
+            config["chat_template"] = template
+        return config
+
     def check_ids(self, ids: Sequence[int], param: str = "prompt") -> None:
         vocab_size = self.vocab_size  # len() of a transformers tokenizer is not free: once per list
         for token in ids:
@@ -172,6 +184,24 @@ class ProxyTokenizer:
         except Exception as error:  # jinja raises its own types; every one is a problem with this request
             raise bad_request(f"the chat template could not render these messages: {error}", "messages") from None
         return text
+
+
+# init_kwargs that are paths on the server: vLLM drops vocab_file and merges_file; the others too
+FILE_KWARGS = frozenset({"vocab_file", "merges_file", "tokenizer_file", "name_or_path", "special_tokens_map_file"})
+
+
+def _as_json(value: Any) -> Any:
+    """A tokenizer setting as JSON: an AddedToken as its text, containers item by item, anything
+    else JSON cannot hold as its string."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, Mapping):
+        return {str(key): _as_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_json(item) for item in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
 def longest_token_chars(hf: Any) -> int:

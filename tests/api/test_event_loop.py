@@ -135,3 +135,25 @@ def test_tokenize_and_detokenize_need_the_api_key(triton_server: Server, tiny_ll
             keyed = httpx.post(f"{guarded.url}{path}", json=body, headers=KEY)
             assert keyed.status_code == 200, keyed.text
         assert httpx.get(f"{guarded.url}/version").status_code == 200
+
+
+def test_tokenizer_info_is_served_with_its_flag_behind_the_key(
+    proxy: Proxy, triton_server: Server, tiny_llada: Path
+) -> None:
+    """vLLM's GET /tokenizer_info (lm-eval's local-completions reads it): the tokenizer's settings,
+    class and chat template, without the paths of its files; only with the flag, as in vLLM."""
+    from transformers import AutoTokenizer
+
+    assert httpx.get(f"{proxy.url}/tokenizer_info").status_code == 404
+    hf = AutoTokenizer.from_pretrained(tiny_llada)
+    config = proxy_config(tiny_llada, triton_server.grpc, None, api_keys=("key",), enable_tokenizer_info_endpoint=True)
+    with running_proxy(config) as served:
+        assert httpx.get(f"{served.url}/tokenizer_info").status_code == 401
+        answer = httpx.get(f"{served.url}/tokenizer_info", headers=KEY)
+    assert answer.status_code == 200, answer.text
+    info = answer.json()
+    assert info["tokenizer_class"] == type(hf).__name__
+    assert info["chat_template"] == hf.chat_template
+    assert info["eos_token"] == hf.eos_token and info["model_max_length"] == hf.model_max_length
+    assert not {"vocab_file", "merges_file", "tokenizer_file", "name_or_path"} & info.keys()
+    assert str(tiny_llada) not in answer.text
