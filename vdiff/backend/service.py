@@ -89,6 +89,47 @@ class Stream:
     broken: bool = False  # its sender failed: end without another response
 
 
+@dataclass(frozen=True)
+class Add:
+    """A new request for the engine."""
+
+    stream: Stream
+
+
+@dataclass(frozen=True)
+class Stop:
+    """A stop order: end every request whose service key or client request id is `request_id`."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """The client of the request `key` went away: end it with CANCELLED."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Broken:
+    """The sender of the request `key` failed: end it without another response."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Nothing to do but look again: shutdown started."""
+
+
+@dataclass(frozen=True)
+class Abandon:
+    """Shutdown's grace is over: end every request in flight."""
+
+
+Message = Add | Stop | Cancelled | Broken | Wake | Abandon  # what the engine thread's inbox carries
+
+
 class DenoiseService:
     def __init__(self, engine: Engine, max_queue_size: int, metrics: ServiceMetrics | None = None) -> None:
         if max_queue_size < 0:
@@ -96,7 +137,7 @@ class DenoiseService:
         self.engine = engine
         self.capacity = engine.config.max_num_seqs + max_queue_size
         self.metrics = metrics or ServiceMetrics()
-        self._inbox: queue.SimpleQueue[tuple[str, Stream | str | None]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._streams: dict[str, Stream] = {}  # owned by the engine thread
         self._in_flight = 0
         self._lock = threading.Lock()
@@ -104,8 +145,8 @@ class DenoiseService:
         self._keys = itertools.count()
         self._thread = threading.Thread(target=self._run, name="vdiff-engine", daemon=True)
         self._responder = Responder(
-            on_cancelled=lambda key: self._inbox.put(("cancel", key)),
-            on_broken=lambda key: self._inbox.put(("broken", key)),
+            on_cancelled=lambda key: self._inbox.put(Cancelled(key)),
+            on_broken=lambda key: self._inbox.put(Broken(key)),
             metrics=self.metrics,
         )
 
@@ -152,12 +193,12 @@ class DenoiseService:
                 )
             self._in_flight += 1
             key = f"vdiff-{next(self._keys)}"
-        self._inbox.put(("add", Stream(key, client_id, prompt_ids, prompt_text, params, options, sink)))
+        self._inbox.put(Add(Stream(key, client_id, prompt_ids, prompt_text, params, options, sink)))
         return key
 
     def stop(self, request_id: str) -> None:
         """End every request whose service key or client request id is `request_id`, at the next step."""
-        self._inbox.put(("stop", request_id))
+        self._inbox.put(Stop(request_id))
 
     def shutdown(self, timeout: float) -> None:
         """Refuse new requests, let running ones finish for up to `timeout` seconds, end the rest.
@@ -166,10 +207,10 @@ class DenoiseService:
         get a few seconds to hand it over; a server that no longer reads cannot hold unloading up.
         """
         self._closing.set()
-        self._inbox.put(("wake", None))
+        self._inbox.put(Wake())
         self._thread.join(timeout)
         if self._thread.is_alive():
-            self._inbox.put(("abandon", None))
+            self._inbox.put(Abandon())
             self._thread.join(ABANDON_GRACE_S)
         self._responder.stop(ABANDON_GRACE_S)
 
@@ -196,17 +237,25 @@ class DenoiseService:
         try:
             message = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
             while True:
-                kind, item = message
-                if kind == "add":
-                    assert isinstance(item, Stream)
-                    self._add(item)
-                elif kind in ("stop", "cancel", "broken"):
-                    assert isinstance(item, str)
-                    {"stop": self._stop, "cancel": self._cancel, "broken": self._drop_broken}[kind](item)
-                abandon |= kind == "abandon"
+                abandon |= self._apply(message)
                 message = self._inbox.get_nowait()
         except queue.Empty:
             return abandon
+
+    def _apply(self, message: Message) -> bool:
+        """Act on one message; True when it says to abandon the requests in flight."""
+        match message:
+            case Add(stream):
+                self._add(stream)
+            case Stop(request_id):
+                self._stop(request_id)
+            case Cancelled(key):
+                self._cancel(key)
+            case Broken(key):
+                self._drop_broken(key)
+            case Abandon():
+                return True
+        return False
 
     def _add(self, stream: Stream) -> None:
         try:
