@@ -53,6 +53,7 @@ class APDProgress(StrategyState):
     """Where a request is in APD's left-to-right rounds."""
 
     cursor: int  # the first masked position; everything before it is final
+    stop_ids: Tensor  # (S,) the request's stop token ids, where drafts stop being judged
     accepted: int = 0  # tokens the last round accepted
     verifier: VerifierState = field(default_factory=VerifierState)  # the verifier's cache of it
 
@@ -88,7 +89,8 @@ class AdaptiveParallelDecoding(DecodingStrategy):
         return params.max_tokens
 
     def start(self, request: Request) -> APDProgress:
-        return APDProgress(cursor=request.prompt_len)
+        stop_ids = torch.tensor(sorted(request.stop_ids), dtype=torch.long, device=request.generator.device)
+        return APDProgress(cursor=request.prompt_len, stop_ids=stop_ids)
 
     def window(self, request: Request) -> Window:
         length, right = request.canvas_len, _lookahead_end(request)
@@ -170,7 +172,7 @@ def _draft(verifier: Verifier, request: Request, logits: Tensor) -> Draft:
     logits[:, request.mask_id] = never
     logits[:, verifier.vocab_size :] = never  # rows past the shared vocabulary (padding) the verifier cannot read
     noise = _gumbel(logits.shape, request) if request.params.temperature else None
-    stop_ids = torch.tensor(sorted(request.stop_ids), dtype=torch.long, device=logits.device)
+    stop_ids = state_of(request, APDProgress).stop_ids
     return Draft.of(_draw(logits, noise, request.params), logits, noise, stop_ids)
 
 
