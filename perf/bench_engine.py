@@ -4,7 +4,7 @@
                                 [--out perf/results/engine_cpu.json]
 
 A tiny model (4 layers, 256 wide, 448 or --vocab rows), fixed seed, prompts of mixed lengths, temperature 0 and
-ignore_eos, so every configuration does the same work: `steps` forwards per request. The
+full_canvas, so every configuration does the same work: `steps` forwards per request. The
 reference loop is the test oracle (one full forward per step, one request at a time); t_fwd(B)
 is the bare model forward over the same padded batches the engine runs, as many times. Each
 configuration runs once per round, rounds interleaved; figures are medians over rounds and ratios
@@ -110,7 +110,7 @@ def main() -> None:
     make_tiny_model(parse_args(["--arch", args.arch, "--out", str(model_dir), *tiny]))
     prompts = [[rng.randrange(1, 380) for _ in range(rng.randrange(8, 33))] for _ in range(args.requests)]
     algorithm = "low_confidence" if args.arch == "llada" else "entropy"
-    params = SamplingParams(max_tokens=gen, steps=gen, algorithm=algorithm, temperature=0.0, ignore_eos=True, seed=0)
+    params = SamplingParams(max_tokens=gen, steps=gen, algorithm=algorithm, temperature=0.0, full_canvas=True, seed=0)
     llm = LLM(model=model_dir, dtype=args.dtype)
     invariant = LLM(model=model_dir, dtype=args.dtype, batch_invariant=True)
     mask = llm.tokenizer.special.mask
@@ -139,7 +139,7 @@ def main() -> None:
             peak[name] = max(peak[name], memory)
             target = alone if name.startswith("invariant") else expected
             same[name] &= name.startswith("forward") or tokens == target
-    total = args.requests * gen  # ignore_eos: every request makes gen tokens in `steps` = gen forwards
+    total = args.requests * gen  # full_canvas: every request makes gen tokens in `steps` = gen forwards
     lines: dict[str, dict[str, Any]] = {}
     for name in runs:
         concurrency = 1 if name == "reference" else int(name.split("_")[1][1:])

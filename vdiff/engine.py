@@ -184,7 +184,9 @@ class Engine:
         device = self.runner.device
         special = self.tokenizer.special
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else special.stop_ids)
+        # ignore_eos bans the end tokens (none can appear); full_canvas keeps them as padding
+        ends = frozenset() if params.ignore_eos or params.full_canvas else special.stop_ids
+        stop_ids = frozenset(params.stop_token_ids) | ends
         generator = torch.Generator(device=device).manual_seed(seed)
         canvas_len = len(prompt_ids) + admitted.gen_length
         return Request(request_id, prompt_ids, params, strategy, canvas_len, generator, stop_ids, special.mask)

@@ -55,12 +55,14 @@ class StepBatch:
     uncond_rows: list[int]  # per request: its unconditional row in `outputs`, or -1
     eos_id: int
     eot_id: int | None
+    end_ids: Tensor  # (E,) what ignore_eos bans: EOS, end of turn, a pad id of its own
     offsets: Tensor | None = None  # (B,) canvas position of each row's first output; None: all 0
     verifier: Verifier | None = None  # the engine's autoregressive verifier (APD), if it has one
     head: Callable[[Tensor], Tensor] | None = None  # hidden states -> logits, on the rows read
 
     def logits_at(self, candidates: Candidates) -> Tensor:
-        """(N, V) logits scoring each candidate position, guided and EOS-banned as its request asks.
+        """(N, V) logits scoring each candidate position, guided, and with EOS (logits_eos_inf)
+        or every end token (ignore_eos) banned as its request asks.
 
         With a head, it runs on these rows (and their CFG rows) only, in one call.
         """
@@ -80,15 +82,33 @@ class StepBatch:
             uncond = logits[start : start + seg.stop - seg.start]
             start += seg.stop - seg.start
             out[seg] = uncond + (scale + 1) * (out[seg] - uncond)
-        for _, request, seg in candidates.segments():
-            if request.params.logits_eos_inf:
-                out[seg, self.eos_id] = float("-inf")
+        self._ban_end_tokens(out, candidates)
         return out
+
+    def _ban_end_tokens(self, logits: Tensor, candidates: Candidates) -> None:
+        """-inf logits for the tokens a request may not propose: every choice (x0, drafts) is
+        drawn from these rows, so a banned token never reaches the canvas."""
+        ignore_eos = [r.params.ignore_eos for r in candidates.requests]
+        if all(ignore_eos):  # the usual benchmark batch: one op for all
+            logits[:, self.end_ids] = float("-inf")
+            return
+        for (_, request, seg), bans_all in zip(candidates.segments(), ignore_eos, strict=True):
+            if bans_all:
+                logits[seg, self.end_ids] = float("-inf")
+            elif request.params.logits_eos_inf:
+                logits[seg, self.eos_id] = float("-inf")
 
     def _logits_of(self, flat_rows: Tensor) -> Tensor:
         # index_select on the flat view is ~3x faster than 2-D indexing on CPU
         picked = self.outputs.view(-1, self.outputs.shape[-1]).index_select(0, flat_rows)
         return picked if self.head is None else head_on_rows(self.head, picked)
+
+
+def end_token_ids(special: SpecialTokens) -> list[int]:
+    """The tokens ignore_eos bans: EOS, end of turn, and the pad id where it is a token of its own
+    (a filler, never text); never the mask id."""
+    ids = [special.eos] + ([] if special.eot is None else [special.eot])
+    return ids + ([] if special.pad in (*ids, special.mask) else [special.pad])
 
 
 def head_on_rows(head: Callable[[Tensor], Tensor], hidden: Tensor) -> Tensor:
@@ -118,6 +138,7 @@ class ModelRunner:
         self.eot_id = special.eot
         self.logits_shift = cast(DiffusionLM, model).logits_shift
         self.device = next(model.parameters()).device
+        self.end_ids = torch.tensor(end_token_ids(special), device=self.device)
 
     def forward(self, requests: list[Request]) -> StepBatch:
         windows = [r.strategy.window(r) for r in requests]
@@ -209,7 +230,7 @@ class ModelRunner:
     ) -> StepBatch:
         return StepBatch(
             requests, input_ids, slots, outputs, self.logits_shift, uncond, self.eos_id,
-            self.eot_id, offsets, self.verifier, head,
+            self.eot_id, self.end_ids, offsets, self.verifier, head,
         )  # fmt: skip
 
     def _cache_of(self, request: Request, window: Window) -> RequestKV:

@@ -2,7 +2,8 @@
 
 `SamplingParams` keeps vLLM's field names for what both worlds share (`max_tokens`, `temperature`,
 `top_p`, `top_k`, `seed`, `stop`, `stop_token_ids`, `ignore_eos`) and adds the diffusion fields of
-the published samplers under their reference names. A field left at None takes the model's
+the published samplers under their reference names, plus `full_canvas` (the published samplers'
+whole canvas, EOS padding included). A field left at None takes the model's
 default: generation_config.json where it has one, then the family's published default
 (`SamplingDefaults`). What an algorithm accepts beyond that is checked by its decoding strategy.
 """
@@ -37,7 +38,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    # vLLM's meaning: max_tokens real tokens. EOS, end of turn and pad are banned from the
+    # sampler (-inf logits, as LLaDA's logits_eos_inf bans EOS), so none of them can end the answer
     ignore_eos: bool = False
+    # decode every canvas position as the published samplers do and return all of them: the EOS
+    # padding the model writes after its answer is kept in the ids (the text skips special tokens)
+    # and does not stop the request (what ignore_eos meant before it followed vLLM)
+    full_canvas: bool = False
     # diffusion fields, named as in LLaDA's generate() and Dream's diffusion_generate()
     steps: int | None = None
     block_length: int | None = None
@@ -99,6 +106,7 @@ def _validate(p: SamplingParams) -> None:
     for token in p.stop_token_ids:
         _check_int("stop_token_ids", token, minimum=0)
     _check_bool("ignore_eos", p.ignore_eos)
+    _check_bool("full_canvas", p.full_canvas)
     _check_int("steps", p.steps, minimum=1, optional=True)
     _check_int("block_length", p.block_length, minimum=1, optional=True)
     _check_algorithm(p.algorithm)

@@ -68,7 +68,7 @@ def apd_params(case: dict[str, Any], **more: Any) -> SamplingParams:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_apd_matches_the_published_loop_on_tiny_models(llm: LLM, case: dict[str, Any]) -> None:
     expected, rounds = reference(llm, PROMPT, 24, set(), **case)
-    out = llm.generate([PROMPT], apd_params(case, max_tokens=24, ignore_eos=True))[0]
+    out = llm.generate([PROMPT], apd_params(case, max_tokens=24, full_canvas=True))[0]
     assert (out.token_ids, out.nfe) == (expected, rounds)
     assert rounds < 24 or case["mixture_weight"] < 0.7  # some round accepted more than one token
 
@@ -92,14 +92,14 @@ def test_apd_matches_the_published_loop_on_the_demo_models(demo_llm: LLM, case: 
 def test_mixture_weight_one_accepts_every_lookahead(llm: LLM, sampling: dict[str, Any], lookahead: int | None) -> None:
     """R = 1: the mixture is the draft model's own choice, so every round commits its whole window."""
     params = apd_params({"mixture_weight": 1.0, "max_lookahead": lookahead, "kv_window": 3}, max_tokens=24)
-    out = llm.generate([PROMPT], params.replace(ignore_eos=True, seed=5, **sampling))[0]
+    out = llm.generate([PROMPT], params.replace(full_canvas=True, seed=5, **sampling))[0]
     assert len(out.token_ids) == 24
     assert out.nfe == (1 if lookahead is None else math.ceil(24 / lookahead))
 
 
 def test_apd_streams_several_tokens_a_step(llm: LLM) -> None:
     engine = llm.engine
-    engine.add_request(PROMPT, apd_params({"mixture_weight": 1.0, "max_lookahead": 6}, max_tokens=24, ignore_eos=True))
+    engine.add_request(PROMPT, apd_params({"mixture_weight": 1.0, "max_lookahead": 6}, max_tokens=24, full_canvas=True))
     deltas = []
     while engine.has_unfinished():
         deltas += [len(o.new_token_ids) for o in engine.step()]
@@ -120,7 +120,7 @@ def mixed_batch() -> list[tuple[list[int], SamplingParams]]:
     out = []
     for i, params in enumerate(settings):
         prompt = [(11 * i + j) % 300 + 1 for j in range(2 + 4 * i)]
-        out.append((prompt, params.replace(max_tokens=24, ignore_eos=True, temperature=params.temperature or 0.0)))
+        out.append((prompt, params.replace(max_tokens=24, full_canvas=True, temperature=params.temperature or 0.0)))
     return out
 
 
@@ -205,7 +205,7 @@ def remember_caches(running: list[Any], held: list[weakref.ref[Any]]) -> None:
 def test_finish_and_abort_free_the_verifier_and_diffusion_caches(llm: LLM) -> None:
     engine = llm.engine
     held: list[weakref.ref[Any]] = []
-    params = apd_params({"mixture_weight": 0.7, "kv_window": 4, "max_lookahead": 6}, max_tokens=16, ignore_eos=True)
+    params = apd_params({"mixture_weight": 0.7, "kv_window": 4, "max_lookahead": 6}, max_tokens=16, full_canvas=True)
     for i in range(200):
         engine.add_request([5 + i % 50, 9, 13], params, request_id=f"apd{i}")
     aborted = 0

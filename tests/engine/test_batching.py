@@ -73,7 +73,7 @@ TARGETS = {
 def test_request_alone_equals_request_among_seven_others(invariant_llm: LLM, target: int) -> None:
     llm = invariant_llm
     family = "dream" if llm.engine.defaults.algorithm == "origin" else "llada"
-    params = TARGETS[family][target].replace(temperature=0.0, ignore_eos=True)
+    params = TARGETS[family][target].replace(temperature=0.0, full_canvas=True)
     prompt = [5, 77, 123, 9, 64, 200, 18, 33, 2]
     alone = run(llm, [(prompt, params)])["r0"].token_ids
     crowd = [(prompt, params), *neighbours(llm)]
@@ -88,7 +88,7 @@ def test_max_num_seqs_caps_the_running_set_and_admits_in_arrival_order(tiny_llad
     engine = Engine(EngineConfig(model=str(tiny_llada), max_num_seqs=2))
     for i in range(5):
         engine.add_request(
-            [3, 4, 5 + i], SamplingParams(max_tokens=8, steps=8 - 4 * (i == 0), ignore_eos=True), f"q{i}"
+            [3, 4, 5 + i], SamplingParams(max_tokens=8, steps=8 - 4 * (i == 0), full_canvas=True), f"q{i}"
         )
     finished_order: list[str] = []
     while engine.has_unfinished():
@@ -112,7 +112,7 @@ def test_every_running_request_shares_one_forward(llada_llm: LLM) -> None:
     try:
         for i in range(4):
             engine.add_request(
-                [1 + i] * (3 + i), SamplingParams(max_tokens=8, steps=8, block_length=8, ignore_eos=True)
+                [1 + i] * (3 + i), SamplingParams(max_tokens=8, steps=8, block_length=8, full_canvas=True)
             )
         while engine.has_unfinished():
             engine.step()
@@ -125,7 +125,7 @@ def random_request(rng: random.Random, family: str, index: int) -> tuple[list[in
     """One request of any algorithm the family runs: schedules, threshold, factor, caches, CFG, APD;
     at temperature 0 or above it, with a seed."""
     length = rng.choice([8, 16, 24, 32])
-    fields: dict[str, object] = {"max_tokens": length, "ignore_eos": True, "seed": index}
+    fields: dict[str, object] = {"max_tokens": length, "full_canvas": True, "seed": index}
     fields["temperature"] = rng.choice([0.0, 0.0, 0.8])
     kind = rng.choice(["schedule", "threshold", "factor", "cache", "cfg", "apd", "own"])
     if kind == "apd":

@@ -109,7 +109,7 @@ def test_default_mode_tokens_differ_from_alone_only_at_near_ties(dtype: str) -> 
     for problem in held_out_set(10)[:48]:
         chat = tokenizer.apply_chat_template([{"role": "user", "content": problem.question}])
         length = rng.choice([16, 32, 48, 64])
-        params = SamplingParams(max_tokens=length, steps=length, block_length=block, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=length, steps=length, block_length=block, temperature=0.0, full_canvas=True)
         requests.append((tokenizer.encode(chat), params))
     together = trace(llm, requests)
     parted = 0

@@ -70,7 +70,7 @@ def test_cached_decoding_matches_fast_dllm_loop(llm: LLM, case: dict[str, Any]) 
         block_length=8,
         algorithm="low_confidence",
         temperature=0.0,
-        ignore_eos=True,
+        full_canvas=True,
         confidence_dtype="float64",
         **case,
     )
@@ -87,7 +87,7 @@ def mixed_batch(llm: LLM) -> list[tuple[list[int], SamplingParams]]:
     ):  # fmt: skip
         prompt = [(11 * i + j) % 300 + 1 for j in range(2 + 4 * i)]
         params = SamplingParams(max_tokens=24, block_length=8, algorithm="low_confidence", temperature=0.0, **rule)
-        out.append((prompt, params.replace(cache=cache, ignore_eos=True)))
+        out.append((prompt, params.replace(cache=cache, full_canvas=True)))
     return out
 
 
@@ -103,9 +103,9 @@ def test_every_request_of_a_mixed_batch_equals_itself_alone(invariant_llm: LLM) 
 def test_cache_none_is_exactly_the_baseline_alone_and_among_cached_requests(invariant_llm: LLM) -> None:
     llm = invariant_llm
     baseline = SamplingParams(max_tokens=24, block_length=8, steps=24, algorithm="low_confidence", temperature=0.0)
-    alone = llm.generate([PROMPT], baseline.replace(ignore_eos=True))[0].token_ids
-    explicit = llm.generate([PROMPT], baseline.replace(ignore_eos=True, cache="none"))[0].token_ids
-    crowd = [(PROMPT, baseline.replace(ignore_eos=True, cache="none")), *mixed_batch(llm)]
+    alone = llm.generate([PROMPT], baseline.replace(full_canvas=True))[0].token_ids
+    explicit = llm.generate([PROMPT], baseline.replace(full_canvas=True, cache="none"))[0].token_ids
+    crowd = [(PROMPT, baseline.replace(full_canvas=True, cache="none")), *mixed_batch(llm)]
     among = llm.generate([p for p, _ in crowd], [s for _, s in crowd])[0].token_ids
     assert alone == explicit == among
 
@@ -113,7 +113,7 @@ def test_cache_none_is_exactly_the_baseline_alone_and_among_cached_requests(inva
 def test_finish_and_abort_free_every_cache(llada_llm: LLM) -> None:
     engine = llada_llm.engine
     caches: list[weakref.ref[RequestKV]] = []
-    params = SamplingParams(max_tokens=16, block_length=8, steps=16, cache="dual", ignore_eos=True)
+    params = SamplingParams(max_tokens=16, block_length=8, steps=16, cache="dual", full_canvas=True)
     for i in range(200):
         engine.add_request([5 + i % 50, 9, 13], params, request_id=f"kv{i}")
     aborted = 0

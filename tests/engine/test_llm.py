@@ -10,7 +10,7 @@ from vdiff import LLM, SamplingParams
 
 def test_generate_takes_text_ids_and_dicts_and_keeps_prompt_order(engines: EngineFactory, dtype: str) -> None:
     llada_llm = engines("llada", dtype, True)  # batch-invariant: equal rows of one batch give equal tokens
-    params = SamplingParams(max_tokens=8, steps=8, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, steps=8, full_canvas=True)
     text = "hello world"
     ids = llada_llm.tokenizer.encode(text)
     outputs = llada_llm.generate([text, ids, {"prompt_token_ids": ids}, [7, 8, 9]], params)
@@ -27,7 +27,7 @@ def test_generate_takes_text_ids_and_dicts_and_keeps_prompt_order(engines: Engin
 def test_a_single_prompt_and_per_prompt_params(llada_llm: LLM) -> None:
     (single,) = llada_llm.generate([1, 2, 3], SamplingParams(max_tokens=4, steps=4))
     assert single.prompt_token_ids == [1, 2, 3]
-    two = llada_llm.generate(["a", "b"], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=8, ignore_eos=True)])
+    two = llada_llm.generate(["a", "b"], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=8, full_canvas=True)])
     assert len(two[1].token_ids) == 8
     with pytest.raises(ValueError, match="sampling_params has 1 entries for 2 prompts"):
         llada_llm.generate(["a", "b"], [SamplingParams()])
@@ -35,7 +35,7 @@ def test_a_single_prompt_and_per_prompt_params(llada_llm: LLM) -> None:
 
 def test_chat_applies_the_template(dream_llm: LLM) -> None:
     messages = [{"role": "user", "content": "What is 2 + 2?"}]
-    params = SamplingParams(max_tokens=8, steps=8, seed=1, ignore_eos=True)
+    params = SamplingParams(max_tokens=8, steps=8, seed=1, full_canvas=True)
     (reply,) = dream_llm.chat(messages, params)
     templated = dream_llm.tokenizer.apply_chat_template(messages)
     assert reply.prompt == templated and "<|im_start|>assistant" in templated

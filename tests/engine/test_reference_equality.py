@@ -2,7 +2,7 @@
 
 The oracles in tests/oracles.py are straightforward loops written from the published algorithms
 (one full forward per step, no early exit). With early exit on, the engine is compared up to and
-including the first stop token; with ignore_eos it must reproduce the whole canvas.
+including the first stop token; with full_canvas it must reproduce the whole canvas.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_llada_matches_published_generate(llada_llm: LLM, case: dict[str, Any], 
         confidence_dtype=torch.float64 if case.get("confidence_dtype") == "float64" else None,
         generator=None if seed is None else torch.Generator().manual_seed(seed),
     )
-    got = engine_tokens(llada_llm, temperature=0.0, ignore_eos=not early_exit, **case)
+    got = engine_tokens(llada_llm, temperature=0.0, full_canvas=not early_exit, **case)
     assert got == (first_stop(expected, set(special.stop_ids)) if early_exit else expected)
 
 
@@ -84,7 +84,7 @@ def test_dream_matches_published_sampler(dream_llm: LLM, algorithm: str, steps: 
         generator=torch.Generator().manual_seed(11),  # origin reveals positions at random even at T=0
     )
     got = engine_tokens(
-        dream_llm, max_tokens=24, steps=steps, algorithm=algorithm, temperature=0.0, seed=11, ignore_eos=not early_exit
+        dream_llm, max_tokens=24, steps=steps, algorithm=algorithm, temperature=0.0, seed=11, full_canvas=not early_exit
     )
     assert got == (first_stop(expected, set(special.stop_ids)) if early_exit else expected)
 
@@ -119,7 +119,7 @@ def test_parallel_decoding_matches_fast_dllm(llm: LLM, case: dict[str, Any]) -> 
         logits_shift=llm.model.logits_shift,
         generator=None if seed is None else torch.Generator().manual_seed(seed),
     )
-    out = llm.generate([PROMPT], SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, **case))[0]
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=32, temperature=0.0, full_canvas=True, **case))[0]
     assert (out.token_ids, out.nfe) == (expected, nfe)
 
 

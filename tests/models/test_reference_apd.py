@@ -188,7 +188,7 @@ def test_engine_equals_published_apd_sample(
         expected = published_apd(model, verifier, prompt, weight, window, lookahead)
         params = SamplingParams(
             algorithm="apd", apd_mixture_weight=weight, apd_kv_window=window, apd_max_lookahead=lookahead,
-            max_tokens=APD_LENGTH, temperature=0.0, ignore_eos=True,
+            max_tokens=APD_LENGTH, temperature=0.0, full_canvas=True,
         )  # fmt: skip
         got = llm.generate([prompt], params)[0].token_ids
         assert got[: len(expected.tokens)] == expected.tokens, (case, expected.stop)

@@ -123,7 +123,7 @@ def test_engine_equals_published_llada_generate(tiny_llada: Path, tmp_path: Path
             max_tokens=setting["gen_length"],
             steps=setting["steps"],
             block_length=setting["block_length"],
-            ignore_eos=True,
+            full_canvas=True,
         )
         got = llm.generate([prompt], params)[0].token_ids
         for model in (llm.model, theirs):
@@ -217,7 +217,7 @@ DREAM_PROMPT = [17, 42, 99, 7, 256, 31, 5]
 
 
 def dream_params(algorithm: str, top_k: int | None) -> SamplingParams:
-    return SamplingParams(max_tokens=24, steps=12, algorithm=algorithm, seed=5, ignore_eos=True, top_k=top_k or 0)
+    return SamplingParams(max_tokens=24, steps=12, algorithm=algorithm, seed=5, full_canvas=True, top_k=top_k or 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

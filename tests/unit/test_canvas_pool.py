@@ -79,7 +79,7 @@ def test_the_buffer_widens_for_a_longer_canvas_and_keeps_what_it_holds() -> None
 def test_the_engine_gives_slots_to_running_requests_only_and_frees_them(tiny_llada: Path) -> None:
     llm = LLM(model=tiny_llada, max_num_seqs=2)
     engine = llm.engine
-    params = SamplingParams(max_tokens=8, steps=8, ignore_eos=True, temperature=0.0)
+    params = SamplingParams(max_tokens=8, steps=8, full_canvas=True, temperature=0.0)
     for i in range(3):
         engine.add_request([5 + i, 9, 13], params, request_id=f"r{i}")
     held = []
@@ -97,7 +97,7 @@ def test_an_abort_after_the_buffer_widened_in_a_step_frees_the_slot(tiny_llada: 
     """The engine steps in inference mode (so the widened buffer is an inference tensor) and
     servers abort from outside it."""
     engine = LLM(model=tiny_llada, max_num_seqs=2).engine
-    long = SamplingParams(max_tokens=3 * MIN_WIDTH, steps=3 * MIN_WIDTH, ignore_eos=True)
+    long = SamplingParams(max_tokens=3 * MIN_WIDTH, steps=3 * MIN_WIDTH, full_canvas=True)
     engine.add_request([5, 9, 13], long, request_id="long")
     engine.add_request([6, 9, 13], SamplingParams(max_tokens=8, steps=8), request_id="short")
     engine.step()

@@ -25,6 +25,7 @@ INVALID: list[tuple[str, Any]] = [
     ("stop", [3]),
     ("stop_token_ids", [-5]),
     ("ignore_eos", "yes"),
+    ("full_canvas", "yes"),
     ("steps", 0),
     ("block_length", -4),
     ("algorithm", "greedy"),

@@ -24,6 +24,9 @@ round accepts its whole lookahead at any temperature and filter.
 
 Drafts are never the mask id (a committed mask could not be told from a masked position) and
 come from the vocabulary both models share (the rows past it are padding the verifier cannot read).
+With ignore_eos they are never an end token either: the runner bans those (-inf, made finite here
+as the other bans are), and so does the mixture, where it matters at R = 0: the verifier alone,
+which knows no ban, would choose. Committed tokens are always drafts; the verifier decides how many.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ class AdaptiveParallelDecoding(DecodingStrategy):
         for (_, request, seg), (cursor, _), draft, scores in zip(
             candidates.segments(), spans, drafts, verified, strict=True
         ):
-            accepted = _judge(request, draft, scores)
+            accepted = _judge(request, draft, scores, batch.end_ids)
             verifier.accept(state_of(request, APDProgress).verifier, cursor, accepted)
             picks.append(candidates.cols[seg][:accepted])
         for request, pick in zip(requests, picks, strict=True):
@@ -142,8 +145,9 @@ class Draft:
 
     tokens: Tensor  # (n,)
     judged: Tensor  # (m,) the drafts up to and including the first stop token, m <= n
-    # (m, V) the judged drafts' float32 diffusion logits, the mask id and rows past the
-    # verifier's banned, and the Gumbel noise drafts and choices share above temperature 0
+    # (m, V) the judged drafts' float32 diffusion logits, the mask id, rows past the verifier's
+    # and (ignore_eos) end tokens banned, and the Gumbel noise drafts and choices share above
+    # temperature 0
     logits: Tensor
     noise: Tensor | None
 
@@ -167,8 +171,8 @@ def _lookahead_end(request: Request) -> int:
 
 def _draft(verifier: Verifier, request: Request, logits: Tensor) -> Draft:
     """Draft the request's lookahead from its (n, V) logits."""
-    logits = logits.float()
     never = torch.finfo(torch.float32).min  # finite: R = 0 must not make 0 * inf
+    logits = logits.float().clamp_(min=never)  # ignore_eos's banned end tokens come as -inf
     logits[:, request.mask_id] = never
     logits[:, verifier.vocab_size :] = never  # rows past the shared vocabulary (padding) the verifier cannot read
     noise = _gumbel(logits.shape, request) if request.params.temperature else None
@@ -176,15 +180,18 @@ def _draft(verifier: Verifier, request: Request, logits: Tensor) -> Draft:
     return Draft.of(_draw(logits, noise, request.params), logits, noise, stop_ids)
 
 
-def _judge(request: Request, draft: Draft, verified: Tensor) -> int:
+def _judge(request: Request, draft: Draft, verified: Tensor, end_ids: Tensor) -> int:
     """How many drafts the mixture of diffusion and (n, V') verifier logits accepts: the longest
-    prefix of drafts equal to the mixture's choice, and at least one."""
+    prefix of drafts equal to the mixture's choice, and at least one. With ignore_eos the mixture
+    never chooses an end token, which no draft can be (at R = 0 the drafts' ban is not in it)."""
     params = request.params
     verified = verified.float()
     width = min(draft.logits.shape[-1], verified.shape[-1])
     weight = params.apd_mixture_weight
     assert weight is not None
     mixture = weight * draft.logits[:, :width] + (1 - weight) * verified[:, :width]
+    if params.ignore_eos:
+        mixture[:, end_ids[end_ids < width]] = torch.finfo(torch.float32).min
     choice = _draw(mixture, None if draft.noise is None else draft.noise[:, :width], params)
     agree = draft.judged == choice
     agree[0] = True  # every round commits at least one token
