@@ -149,10 +149,10 @@ class Engine:
     def _report(self, batch: StepBatch) -> list[RequestOutput]:
         outputs = []
         for request in batch.requests:
-            new = settle(request, request.final_length(), self.tokenizer)
-            if new is None:
+            settled = settle(request, request.final_length(), self.tokenizer)
+            if settled is None:
                 continue
-            outputs.append(_output(request, new))
+            outputs.append(_output(request, *settled))
             if request.is_finished:
                 self.canvases.release(request)
                 del self._requests[request.request_id]
@@ -244,10 +244,11 @@ def _rows_by_strategy(running: list[Request]) -> dict[DecodingStrategy, list[int
     return rows
 
 
-def _output(request: Request, new_token_ids: list[int]) -> RequestOutput:
+def _output(request: Request, new_token_ids: list[int], new_text: str = "") -> RequestOutput:
     return RequestOutput(
         request.request_id,
         new_token_ids,
+        new_text,
         list(request.output_ids),
         request.text,
         request.nfe,

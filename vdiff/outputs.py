@@ -13,8 +13,9 @@ class RequestOutput:
 
     request_id: str
     new_token_ids: list[int]
+    new_text: str  # what `text` gained since the request's previous output
     token_ids: list[int]  # every final generated token so far
-    text: str  # detokenised token_ids, cut before a stop string
+    text: str  # detokenised token_ids, cut before a stop string (a prefix of it while unfinished)
     nfe: int
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 
+from vdiff.detokenizer import IncrementalDetokenizer
 from vdiff.kv_cache import RequestKV
 from vdiff.sampling_params import SamplingParams
 
@@ -60,7 +61,8 @@ class Request:
 
     # progress, advanced by the engine
     output_ids: list[int] = field(default_factory=list)  # final tokens reported so far
-    text: str = ""
+    text: str = ""  # the reported text: a prefix of the final text, which only grows
+    detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer, repr=False)
     nfe: int = 0  # forward passes this request took part in
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None

@@ -2,18 +2,21 @@
 
 Only final tokens (the stable prefix) are looked at, so nothing reported is ever taken back.
 Token ids keep the token that stopped the answer (an EOS, or the token that completed a stop
-string); the text stops before a stop string, as vLLM's does by default. Text is only extended
-once its characters are complete, so every reported text is a prefix of the final one.
+string); the text stops before a stop string, as vLLM's does by default. The text is decoded
+incrementally (vdiff/detokenizer.py), so a step's text work grows with its new tokens only.
+Reported text only grows: a character whose bytes are still coming waits, and with stop strings
+the last (longest stop - 1) characters wait until no stop string can start in them.
 """
 
 from __future__ import annotations
 
+from vdiff.detokenizer import IncrementalDetokenizer
 from vdiff.request import Request
 from vdiff.tokenizer import Tokenizer
 
 
-def settle(request: Request, final: int, tokenizer: Tokenizer) -> list[int] | None:
-    """Move the newly final tokens into the request's output; the new ids, or None without news."""
+def settle(request: Request, final: int, tokenizer: Tokenizer) -> tuple[list[int], str] | None:
+    """Move the newly final tokens into the request's output: (new ids, new text), or None."""
     have = len(request.output_ids)
     final = min(final, request.max_tokens)
     if final <= have:
@@ -22,16 +25,21 @@ def settle(request: Request, final: int, tokenizer: Tokenizer) -> list[int] | No
     request.output_ids.extend(new)
     if not request.is_finished and len(request.output_ids) >= request.max_tokens:
         request.finish("length")
-    previous_text = len(request.text)
-    request.text = _settled_text(tokenizer.decode(request.output_ids), request.is_finished)
+    decoder = request.detokenizer
+    before = decoder.snapshot()
+    decoder.extend(tokenizer, request.output_ids, request.is_finished)
+    reported = len(request.text)
+    request.text = decoder.shown
     if request.params.stop:
-        _cut_at_stop_string(request, previous_text, have, tokenizer)
-    return request.output_ids[have:]
+        _cut_at_stop_string(request, before, have, tokenizer)
+        if not request.is_finished:
+            request.text = decoder.shown[: len(decoder.shown) - _held_back(request)]
+    return request.output_ids[have:], request.text[reported:]
 
 
-def _settled_text(text: str, finished: bool) -> str:
-    """Text that later tokens cannot change: a trailing U+FFFD may be a character whose bytes are still coming."""
-    return text if finished else text.rstrip("\ufffd")
+def _held_back(request: Request) -> int:
+    """Characters a stop string may still begin in, so not yet reported."""
+    return min(len(request.detokenizer.shown), max(len(stop) for stop in request.params.stop) - 1)
 
 
 def _through_stop_token(request: Request, new: list[int]) -> list[int]:
@@ -43,18 +51,30 @@ def _through_stop_token(request: Request, new: list[int]) -> list[int]:
     return new
 
 
-def _cut_at_stop_string(request: Request, previous_text: int, have: int, tokenizer: Tokenizer) -> None:
-    text = request.text
+def _cut_at_stop_string(request: Request, before: IncrementalDetokenizer, have: int, tokenizer: Tokenizer) -> None:
+    """End the answer before the first stop string in the new text, and after the token completing it."""
+    text = request.detokenizer.shown
     hits = []
     for stop in request.params.stop:
-        index = text.find(stop, max(0, previous_text - len(stop) + 1))
+        index = text.find(stop, max(0, len(before.shown) - len(stop) + 1))
         if index >= 0:
             hits.append((index, stop))
     if not hits:
         return
     index, stop = min(hits)
     ids = request.output_ids
-    end = next(k for k in range(have + 1, len(ids) + 1) if stop in tokenizer.decode(ids[:k]))
-    del ids[end:]
+    del ids[_token_completing(ids, have, stop, before, tokenizer) :]
     request.text = text[:index]
     request.finish("stop", stop)
+
+
+def _token_completing(
+    ids: list[int], have: int, stop: str, before: IncrementalDetokenizer, tokenizer: Tokenizer
+) -> int:
+    """The fewest ids (more than `have`) whose text holds `stop`, decoded on from `before`."""
+    start = max(0, len(before.shown) - len(stop) + 1)  # the text shown before held no stop string
+    for end in range(have + 1, len(ids)):
+        text = before.text_through(tokenizer, ids[:end])
+        if text is not None and text.find(stop, start) >= 0:
+            return end
+    return len(ids)

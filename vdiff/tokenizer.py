@@ -73,6 +73,12 @@ class Tokenizer:
         return len(self.hf)
 
     @functools.cached_property
+    def decodes_locally(self) -> bool:
+        """A decode of a window of ids extends a decode of its start (vdiff/detokenizer.py);
+        not so when spaces before punctuation are cleaned up after decoding."""
+        return not getattr(self.hf, "clean_up_tokenization_spaces", False)
+
+    @functools.cached_property
     def longest_token_chars(self) -> int:
         return longest_token_chars(self.hf)
 
