@@ -78,24 +78,30 @@ class Engine:
         `arrival_time` (time.perf_counter()) is when the request reached the server, if before now:
         queue time counts from it.
         """
+        return self.add_admitted(self.check_request(prompt, params), request_id, arrival_time)
+
+    def check_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> Admitted:
+        """Raise the ValueError `add_request` would, without queueing or allocating anything;
+        else the request as admitted, every field resolved, for `add_admitted`.
+
+        Reads only what is fixed at load, so another thread may call it while the engine steps:
+        a server refuses a bad request at once instead of after the step in flight, and the
+        engine's thread does not check it again.
+        """
+        prompt_ids = self._prompt_ids(prompt)
+        return self._admit(prompt_ids, params or SamplingParams())
+
+    @torch.inference_mode()
+    def add_admitted(self, admitted: Admitted, request_id: str | None = None, arrival_time: float | None = None) -> str:
+        """Queue a request that `check_request` admitted; returns its id."""
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        prompt_ids = self._prompt_ids(prompt)
-        admitted = self._admit(prompt_ids, params or SamplingParams())
-        request = self._new_request(request_id, prompt_ids, admitted)
+        request = self._new_request(request_id, admitted)
         request.arrival_time = time.perf_counter() if arrival_time is None else arrival_time
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
-
-    def check_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> None:
-        """Raise the ValueError `add_request` would, without queueing or allocating anything.
-
-        Reads only what is fixed at load, so another thread may call it while the engine steps:
-        a server refuses a bad request at once instead of after the step in flight.
-        """
-        self._admit(self._prompt_ids(prompt), params or SamplingParams())
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -177,10 +183,10 @@ class Engine:
                 f"({len(prompt_ids)} tokens) exceeds the model's max_sequence_length ({self.max_sequence_length})"
             )
         self.bounds.check_params(params)  # the defaults filled in are bounded too
-        return Admitted(params, strategy, gen_length)
+        return Admitted(prompt_ids, params, strategy, gen_length)
 
-    def _new_request(self, request_id: str, prompt_ids: list[int], admitted: Admitted) -> Request:
-        params, strategy = admitted.params, admitted.strategy
+    def _new_request(self, request_id: str, admitted: Admitted) -> Request:
+        prompt_ids, params, strategy = admitted.prompt_ids, admitted.params, admitted.strategy
         device = self.runner.device
         special = self.tokenizer.special
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
@@ -232,6 +238,7 @@ class Engine:
 class Admitted:
     """What admission settled for one request: every field resolved, and its canvas positions."""
 
+    prompt_ids: list[int]
     params: SamplingParams
     strategy: DecodingStrategy
     gen_length: int
