@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from vdiff_client.codes import ErrorCode
 from vdiff_client.errors import APIError
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,11 @@ class Call:
 
     client: str = "addr:?"
     abort_message: str = ""
-    abort_reason: str = "shutdown"  # why, for the rejection metrics: shutdown or unavailable
+    abort_code: ErrorCode = ErrorCode.SHUTDOWN  # why: shutdown, or unavailable (the backend died)
     _abort_hooks: list[Callable[[str], None]] = field(default_factory=list)
 
-    def abort(self, message: str, reason: str = "shutdown") -> None:
-        self.abort_message, self.abort_reason = message, reason
+    def abort(self, message: str, code: ErrorCode = ErrorCode.SHUTDOWN) -> None:
+        self.abort_message, self.abort_code = message, code
         for hook in list(self._abort_hooks):
             hook(message)
 
@@ -108,7 +109,8 @@ class Drain:
         if self.calls:
             log.warning("ending %d requests in flight: %s", len(self.calls), reason)
         for call in list(self.calls):
-            call.abort(f"the inference backend stopped answering ({reason}); retry later", "unavailable")
+            message = f"the inference backend stopped answering ({reason}); retry later"
+            call.abort(message, ErrorCode.UNAVAILABLE)
 
     async def _wait_idle(self, timeout_s: float) -> bool:
         loop = asyncio.get_running_loop()
@@ -144,10 +146,10 @@ class DrainMiddleware:
 
     def _refusal(self) -> APIError | None:
         if self.drain.draining:
-            self.on_reject("shutdown")
+            self.on_reject(ErrorCode.SHUTDOWN.value)
             return APIError(503, "the server is shutting down; retry on another replica")
         failure = self.drain.backend_failure()
         if failure is not None:
-            self.on_reject("unavailable")
+            self.on_reject(ErrorCode.UNAVAILABLE.value)
             return APIError(503, f"the inference backend is not answering ({failure}); retry later")
         return None

@@ -71,7 +71,6 @@ class ProxyConfig:
     rate_limits: RateLimits = RateLimits()  # per API key, or per address without keys
     limits: RequestLimits = RequestLimits()  # per request: body size, n, prompts, steps, stop strings
     shutdown_timeout_s: float = 30.0  # how long requests in flight may finish after SIGTERM
-    ensemble: str = "vdiff"
     denoiser: str = "diffusion_denoise"
 
     def __post_init__(self) -> None:

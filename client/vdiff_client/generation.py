@@ -17,6 +17,7 @@ from typing import Any
 
 from vdiff_client.calls import Call
 from vdiff_client.capacity import Reservation
+from vdiff_client.codes import ErrorCode
 from vdiff_client.errors import APIError
 from vdiff_client.metrics import RequestTracker
 from vdiff_client.ratelimit import TokenCharge
@@ -85,7 +86,7 @@ class Generation:
         queue: asyncio.Queue[Item] = asyncio.Queue()
 
         def aborted(message: str) -> None:
-            queue.put_nowait((-1, None, TritonRequestError(503, message, self.call.abort_reason)))
+            queue.put_nowait((-1, None, TritonRequestError(self.call.abort_code, message)))
 
         unregister = self.call.on_abort(aborted)
         tasks = [asyncio.create_task(self._pump(job, queue)) for job in self.jobs]
@@ -121,7 +122,7 @@ class Generation:
             await queue.put((job.index, None, error))
         except Exception as error:
             log.exception("choice %s failed", job.request_id)
-            failure = TritonRequestError(500, f"internal server error: {type(error).__name__}")
+            failure = TritonRequestError(ErrorCode.INTERNAL, f"internal server error: {type(error).__name__}")
             await queue.put((job.index, None, failure))
 
     async def collect(self) -> list[ChoiceResult]:

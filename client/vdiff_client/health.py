@@ -1,11 +1,11 @@
-"""Deep health: `/health` is 200 only when Triton's ensemble is ready *and* runs a one-step request,
-and the denoiser answers its liveness pings.
+"""Deep health: `/health` is 200 only when the model the proxy sends requests to (the denoiser) is
+ready *and* runs a one-step request, and the denoiser answers its liveness pings.
 
 A readiness flag alone misses a wedged engine thread or a dead stub process; a probe request does not.
 The result is cached (a few seconds when healthy, one second when not; a request that finds Triton
 unreachable ends a healthy period at once) and probes never overlap, so
 a load balancer polling every second costs at most one tiny request per cache period. A full engine
-is alive: "at capacity" counts as healthy, or a busy replica would flap out of the pool under load.
+is alive: a refusal with the code `capacity` counts as healthy, or a busy replica would flap out of the pool under load.
 
 A dead denoiser stub is worse than a slow probe: Triton still reports its model ready, requests in
 flight never hear from it again and new ones may hang. `BackendWatch` pings it every second; a
@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vdiff_client.codes import ErrorCode
 from vdiff_client.triton import TritonBackend, TritonRequestError
 
 log = logging.getLogger(__name__)
@@ -134,13 +135,13 @@ class HealthCheck:
 
     async def _check(self) -> bool:
         if not await self.backend.is_ready():
-            log.warning("health probe: Triton's ensemble %r is not ready", self.backend.ensemble)
+            log.warning("health probe: Triton's model %r is not ready", self.backend.model)
             return False
         try:
             async for _ in self.backend.generate(f"health-{secrets.token_hex(4)}", self.probe_values):
                 pass
         except TritonRequestError as error:
-            if error.reason == "capacity":
+            if error.code is ErrorCode.CAPACITY:  # it answers; it is only full
                 return True
             log.warning("health probe failed: %s", error.message)
             return False

@@ -28,6 +28,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator import metrics as http_metrics
 from starlette.applications import Starlette
 
+from vdiff_client.codes import ErrorCode
 from vdiff_client.triton import Delta, TritonRequestError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ N_BUCKETS = (1, 2, 5, 10, 20)
 NFE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 TOKENS_PER_NFE_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0)
 # why a request was refused: rate limits (429), a full engine, a stopping or unreachable server (503)
-REJECTION_REASONS = ("rate_limit_requests", "rate_limit_tokens", "capacity", "shutdown", "unavailable")
+# the proxy's own refusals, then the codes of the backend's (vdiff_client/codes.py)
+REJECTION_REASONS = ("rate_limit_requests", "rate_limit_tokens", *(c.value for c in ErrorCode if c.is_refusal))
 HTTP_METRICS_EXCLUDED = ["/metrics", "/health", "/ping", "/version", "/load", "/server_info"]  # as vLLM
 # RFC 9110's methods and PATCH; any other method a client makes up is counted as OTHER_METHOD
 HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",

@@ -65,6 +65,9 @@ class DiffusionFields(RequestBody):
     apd_mixture_weight: float | None = None  # APD (algorithm "apd"): R, W and M, the APD code's flags
     apd_kv_window: int | None = None
     apd_max_lookahead: int | None = None
+    # the whole canvas, EOS padding included, as the published samplers decode it (not ignore_eos,
+    # which bans the end tokens so that max_tokens real tokens come back, as vLLM's does)
+    full_canvas: bool = False
 
 
 class SamplingFields(DiffusionFields):

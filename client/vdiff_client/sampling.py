@@ -162,4 +162,6 @@ def ensemble_values(
         values["stop_token_ids"] = request.stop_token_ids
     if request.ignore_eos:
         values["ignore_eos"] = True
+    if request.full_canvas:
+        values["full_canvas"] = True
     return values

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdiff_client import __version__
@@ -53,8 +54,9 @@ class HTTPSettings:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # --body-timeout
 
 
-def require_json(request: Request) -> None:
-    """vLLM answers a non-JSON body with 400, not 415."""
+async def require_json(request: Request) -> None:
+    """vLLM answers a non-JSON body with 400, not 415. Async: FastAPI runs a plain function
+    dependency on a worker thread, a hop per request."""
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if content_type != "application/json":
         raise RequestValidationError(
@@ -136,7 +138,7 @@ def build_app(
     backend: TritonBackend | None = None,
 ) -> FastAPI:
     http = http or HTTPSettings()
-    backend = backend or TritonBackend(config.triton_url, config.ensemble, config.denoiser)
+    backend = backend or TritonBackend(config.triton_url, config.denoiser, config.denoiser)
     metrics = ProxyMetrics(config.model_name, config.max_model_len, config.triton_metrics_url)
     limiter = RateLimiter(config.rate_limits) if config.rate_limits.enabled else None
     drain = Drain(config.shutdown_timeout_s)
@@ -271,6 +273,8 @@ async def answer(raw: Request, work: Awaitable[Any]) -> Any:
         return Response(status_code=499)  # nobody reads it; the work was cancelled
     if isinstance(result, AsyncIterator):
         return StreamingResponse(result, media_type="text/event-stream")
+    if isinstance(result, BaseModel):  # serialized by pydantic at once, not field by field by FastAPI
+        return Response(result.model_dump_json(by_alias=True), media_type="application/json")
     return result
 
 

@@ -1,13 +1,19 @@
-"""The proxy's only contact with Triton: gRPC streaming requests to the `vdiff` ensemble.
+"""The proxy's only contact with Triton: gRPC streaming requests to `diffusion_denoise`.
 
-One request = one bidirectional stream with one request on it. The proxy always asks for a
-streamed answer (a response per growth of the stable prefix), even for a non-streaming HTTP
-request: that is what lets a cancellation reach the engine between denoising steps. When the
-caller stops early (client disconnect, error), the stream is cancelled and a stop order naming the
-request id goes straight to the denoiser, which ends the request at its next step, queued or not.
+The proxy tokenizes and checks a request itself, so it sends the prompt's ids straight to the
+denoiser, as TensorRT-LLM's OpenAI frontend sends them to its model: the ensemble's tokenizer and
+detokenizer steps would add two Python-backend executions to every request and every response.
+The denoiser takes the ensemble's inputs and answers with its outputs (a text delta per response,
+decoded as tokens settle), so any model of that shape can stand in (`TritonBackend(model=...)`).
 
-Triton 2.51 passes on only the message of a model's error over gRPC streaming (no status), so the
-status and, for a refusal, its reason are read back from the denoiser's own wording (`request_error`).
+Every request goes on one long-lived gRPC stream (vdiff_client/grpc_stream.py). The proxy always
+asks for a streamed answer (a response per growth of the stable prefix), even for a non-streaming
+HTTP request, so that its metrics time the first token and the tokens after it as vLLM's do. When
+the caller stops early (client disconnect, error), a stop order naming the request id follows it
+on the same stream, and the denoiser ends the request at its next step, queued or not.
+
+Over gRPC streaming Triton 2.51 passes on only an error's message, so vdiff's models tag their
+messages with an error code (vdiff_client/codes.py); the code decides the HTTP status.
 """
 
 from __future__ import annotations
@@ -23,45 +29,44 @@ from typing import Any
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from tritonclient.grpc import InferResult
 from tritonclient.utils import InferenceServerException
+
+from vdiff_client.codes import ErrorCode, read_error
+from vdiff_client.grpc_stream import SharedStream, infer_request
 
 log = logging.getLogger(__name__)
 
 NUMPY_TYPES = {"INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_, "BYTES": np.object_}
-# the denoiser's words for a full or stopping server (vdiff/backend/service.py) -> why it refused
-REFUSAL_PHRASES = {
-    "the server is at capacity": "capacity",
-    "the server is shutting down": "shutdown",
-    "the server shut down": "shutdown",
-}
-ENSEMBLE_PREFIX = "in ensemble '"
 # no request has this id, so the stop order ends nothing
 PING_REQUEST_ID = f"vdiff-liveness-ping-{secrets.token_hex(8)}"
-STOP_TIMEOUT_S = 5.0  # a stop order to a dead denoiser gets no answer: give up, do not pile up
+STOP_ORDER = {"stop": ("BOOL", np.array([[True]]))}  # the request's id says which request it ends
 # gRPC codes that mean "Triton is not there (now)": the client should retry, maybe elsewhere
 UNREACHABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 class TritonRequestError(Exception):
-    """An HTTP status and message; a 503 also says why (capacity, shutdown, unavailable)."""
+    """An error code and message; the code gives the HTTP status and, for a refusal, its reason."""
 
-    def __init__(self, status: int, message: str, reason: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.status = status
+        self.code = code
         self.message = message
-        self.reason = reason or ("unavailable" if status == 503 else None)
+
+    @property
+    def status(self) -> int:
+        return self.code.http_status
+
+    @property
+    def reason(self) -> str | None:
+        """Why the server refused it (capacity, shutdown, unavailable); None for other errors."""
+        return self.code.value if self.code.is_refusal else None
 
 
 def request_error(message: str) -> TritonRequestError:
-    """The error for a Triton error message: 503 full or stopping, 400 invalid input, else 500."""
-    if message.startswith(ENSEMBLE_PREFIX) and "', " in message:
-        message = message.split("', ", 1)[1]
-    for phrase, reason in REFUSAL_PHRASES.items():
-        if phrase in message:
-            return TritonRequestError(503, message, reason)
-    if message.startswith(("input '", "send the prompt", "exclude_input_in_output")):
-        return TritonRequestError(400, message)
-    return TritonRequestError(500, message)
+    """The error for a model's error message: its code, or INTERNAL for one vdiff did not tag."""
+    coded = read_error(message)
+    return TritonRequestError(coded.code or ErrorCode.INTERNAL, coded.message)
 
 
 def transport_error(error: grpc.RpcError | InferenceServerException) -> TritonRequestError:
@@ -73,13 +78,14 @@ def transport_error(error: grpc.RpcError | InferenceServerException) -> TritonRe
         code, details = str(error.code()), str(error.details())
         unreachable = error.code() in UNREACHABLE_CODES
     if unreachable:
-        return TritonRequestError(503, f"the inference server is unavailable ({details}); retry later")
-    return TritonRequestError(500, f"the inference server failed: {code} {details}".strip())
+        message = f"the inference server is unavailable ({details}); retry later"
+        return TritonRequestError(ErrorCode.UNAVAILABLE, message)
+    return TritonRequestError(ErrorCode.INTERNAL, f"the inference server failed: {code} {details}".strip())
 
 
 @dataclass(frozen=True)
 class Delta:
-    """One ensemble response: a text delta and counts."""
+    """One response: a text delta and counts."""
 
     text: str
     prompt_tokens: int
@@ -90,13 +96,13 @@ class Delta:
 
 
 class TritonBackend:
-    def __init__(self, url: str, ensemble: str = "vdiff", denoiser: str = "diffusion_denoise") -> None:
+    def __init__(self, url: str, model: str = "diffusion_denoise", denoiser: str = "diffusion_denoise") -> None:
         self.url = url
-        self.ensemble = ensemble
-        self.denoiser = denoiser
+        self.model = model  # what generation requests go to: the denoiser, or the `vdiff` ensemble
+        self.denoiser = denoiser  # where stop orders and liveness pings go
         self._client: grpcclient.InferenceServerClient | None = None
         self._input_types: dict[str, str] = {}
-        self._stops: set[asyncio.Task[None]] = set()
+        self.stream = SharedStream(url)  # every generation request, and the stop orders that end them early
         self.last_transport_failure = float("-inf")  # time.monotonic() of the last failed call to Triton
 
     @property
@@ -108,61 +114,45 @@ class TritonBackend:
 
     async def is_ready(self) -> bool:
         try:
-            return bool(await self.client.is_model_ready(self.ensemble, client_timeout=2.0))
+            return bool(await self.client.is_model_ready(self.model, client_timeout=2.0))
         except InferenceServerException:
             return False
 
     async def generate(self, request_id: str, values: Mapping[str, Any]) -> AsyncIterator[Delta]:
-        """The ensemble's responses for one request; raises TritonRequestError on an error response."""
+        """The model's responses for one request; raises TritonRequestError on an error response."""
         try:
-            inputs = await self._tensors(values)
+            request = infer_request(self.model, request_id, await self._tensors(values))
         except (grpc.RpcError, InferenceServerException) as unreachable:
             raise self._transport_failed(unreachable) from unreachable
-        done = asyncio.Event()
-
-        async def one_request() -> AsyncIterator[dict[str, Any]]:
-            yield {"model_name": self.ensemble, "inputs": inputs, "request_id": request_id}
-            await done.wait()  # keep the stream open until the last response
-
-        stream = self.client.stream_infer(one_request())
+        responses = self.stream.open(request)
         finished = False
         try:
-            async for result, error in stream:
-                if error is not None:
+            while not finished:
+                response = await responses.get()
+                if isinstance(response, BaseException):
+                    finished = True  # the stream is gone: no stop order could go on it either
+                    raise self._stream_failed(response) from response
+                if response.error_message:
                     finished = True
-                    raise request_error(error.message())
-                delta = _delta(result)
+                    raise request_error(response.error_message)
+                delta = _delta(InferResult(response.infer_response))
                 finished = delta.finish_reason is not None
                 yield delta
-                if finished:
-                    return
-            raise TritonRequestError(503, "Triton closed the stream before the request finished; retry later")
-        except grpc.RpcError as failure:
-            finished = True  # the connection is gone: no stop order can reach the denoiser either
-            raise self._transport_failed(failure) from failure
         finally:
-            done.set()
-            if not finished:
-                stream.cancel()
-                self._send_stop(request_id)
+            self.stream.close(request_id)
+            if not finished:  # the denoiser ends it at its next step
+                self.stream.send(infer_request(self.denoiser, request_id, STOP_ORDER))
+
+    def _stream_failed(self, failure: BaseException) -> TritonRequestError:
+        if isinstance(failure, grpc.RpcError):
+            return self._transport_failed(failure)
+        self.last_transport_failure = time.monotonic()
+        message = f"Triton closed the stream before the request finished ({failure}); retry later"
+        return TritonRequestError(ErrorCode.UNAVAILABLE, message)
 
     def _transport_failed(self, error: grpc.RpcError | InferenceServerException) -> TritonRequestError:
         self.last_transport_failure = time.monotonic()
         return transport_error(error)
-
-    def _send_stop(self, request_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._stop(request_id))
-        self._stops.add(task)
-        task.add_done_callback(self._stops.discard)
-
-    async def _stop(self, request_id: str) -> None:
-        """Tell the denoiser to end `request_id` at its next step (its slot is free after it)."""
-        try:
-            error = await asyncio.wait_for(self._order_stop(request_id), STOP_TIMEOUT_S)
-            if error is not None:
-                log.warning("stop order for %s failed: %s", request_id, error)
-        except (InferenceServerException, grpc.RpcError, asyncio.TimeoutError, asyncio.CancelledError) as error:
-            log.warning("stop order for %s not delivered: %s", request_id, error or "no answer")
 
     async def ping(self, timeout_s: float) -> str | None:
         """None when the denoiser answers within `timeout_s`; else why it did not.
@@ -190,26 +180,22 @@ class TritonBackend:
         stop.set_data_from_numpy(np.array([[True]]))
         yield {"model_name": self.denoiser, "inputs": [stop], "request_id": request_id}
 
-    async def _tensors(self, values: Mapping[str, Any]) -> list[grpcclient.InferInput]:
-        """[1, n] tensors typed as the ensemble declares its inputs (read from Triton once)."""
+    async def _tensors(self, values: Mapping[str, Any]) -> dict[str, tuple[str, np.ndarray]]:
+        """[1, n] arrays typed as the model declares its inputs (read from Triton once)."""
         if not self._input_types:
-            metadata = await self.client.get_model_metadata(self.ensemble, as_json=True)
+            metadata = await self.client.get_model_metadata(self.model, as_json=True)
             self._input_types = {i["name"]: i["datatype"] for i in metadata["inputs"]}
-        tensors = []
+        tensors = {}
         for name, value in values.items():
             kind = self._input_types[name]
             items = list(value) if isinstance(value, list | tuple) else [value]
             if kind == "BYTES":
                 items = [item.encode("utf-8") for item in items]
-            array = np.array([items], dtype=NUMPY_TYPES[kind])
-            tensor = grpcclient.InferInput(name, list(array.shape), kind)
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
+            tensors[name] = (kind, np.array([items], dtype=NUMPY_TYPES[kind]))
         return tensors
 
     async def close(self) -> None:
-        if self._stops:
-            await asyncio.wait(self._stops, timeout=2)
+        await self.stream.aclose()
         if self._client is not None:
             await self._client.close()
             self._client = None

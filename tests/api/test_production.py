@@ -166,8 +166,8 @@ def test_drain_aborts_what_outlives_the_shutdown_timeout(triton_server: Server, 
 
 
 def test_health_runs_a_cached_probe_through_the_engine(proxy: Proxy, triton_server: Server) -> None:
-    # the ensemble's count: the liveness pings go to diffusion_denoise directly, once a second
-    served = 'nv_inference_request_success{model="vdiff",version="1"}'
+    # the engine's count of finished requests: the liveness pings (stop orders) never reach it
+    served = "vdiff:e2e_request_latency_seconds_count"
     time.sleep(5.1)  # past any cached answer
     before = read_metric(triton_server.metrics, served)
     assert [httpx.get(f"{proxy.url}/health").status_code for _ in range(3)] == [200] * 3

@@ -7,10 +7,18 @@ real module.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
 import threading
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+import pytest
+
+from vdiff.serve.repository import SOURCE, read_parameters
 
 TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
@@ -141,3 +149,24 @@ class Request:
 
     def get_response_sender(self) -> Sender:
         return self.sender
+
+
+def load_model(name: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch, **overrides: str) -> Any:
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", sys.modules[__name__])
+    spec = importlib.util.spec_from_file_location(f"{name}_model", SOURCE / name / "1" / "model.py")
+    assert spec is not None and spec.loader is not None
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parameters = read_parameters((SOURCE / name / "config.pbtxt").read_text()) | {"model": str(model_dir)} | overrides
+    config = {"parameters": {k: {"string_value": v} for k, v in parameters.items()}}
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps(config), "model_name": name, "model_version": "1"})
+    return model
+
+
+def text(value: str) -> np.ndarray:
+    return np.array([[value.encode()]], dtype=np.object_)
+
+
+def scalar(value: Any, dtype: Any) -> np.ndarray:
+    return np.array([[value]], dtype=dtype)

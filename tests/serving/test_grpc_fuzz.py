@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from clients import stream_infer
 from triton_harness import Server
-from vdiff_client.triton import request_error
+from vdiff_client.codes import ErrorCode, read_error
 
 FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
@@ -90,10 +90,10 @@ def test_grpc_requests_finish_or_are_refused_naming_an_input(
     result = stream_infer(triton_server.grpc, values, model=model, timeout=TIMEOUT_S)
     if result.error is None:
         last = result.responses[-1]
-        assert last.get("finish_reason", last.get("FINISH_REASON")) in ("stop", "length"), last
+        assert last["finish_reason"] in ("stop", "length"), last
         return
     message = result.error.message()
-    assert request_error(message).status == 400, message  # the proxy's reading: the client's fault
+    assert read_error(message).code is ErrorCode.INVALID_INPUT, message  # the client's fault: 400
 
 
 def test_the_denoiser_serves_after_the_grpc_fuzz(triton_server: Server) -> None:

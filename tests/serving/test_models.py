@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import numpy as np
 import pytest
 
 import pb_utils_standin as pb
-from vdiff.backend.service import Update
-from vdiff.backend.tensors import denoiser_outputs
-from vdiff.serve.repository import SOURCE, read_parameters
+from pb_utils_standin import load_model, scalar, text
+from vdiff.backend.responder import Update
+from vdiff.backend.tensors import PASSED_ON, denoiser_outputs
 from vdiff.tokenizer import Tokenizer
-
-
-def load_model(name: str, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    spec = importlib.util.spec_from_file_location(f"{name}_model", SOURCE / name / "1" / "model.py")
-    assert spec is not None and spec.loader is not None
-    module: ModuleType = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    parameters = read_parameters((SOURCE / name / "config.pbtxt").read_text()) | {"model": str(model_dir)}
-    config = {"parameters": {k: {"string_value": v} for k, v in parameters.items()}}
-    model = module.TritonPythonModel()
-    model.initialize({"model_config": json.dumps(config), "model_name": name, "model_version": "1"})
-    return model
-
-
-def text(value: str) -> np.ndarray:
-    return np.array([[value.encode()]], dtype=np.object_)
-
-
-def scalar(value: Any, dtype: Any) -> np.ndarray:
-    return np.array([[value]], dtype=dtype)
 
 
 def test_tokenizer_encodes_and_refuses_bad_requests(tiny_llada: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -50,7 +24,7 @@ def test_tokenizer_encodes_and_refuses_bad_requests(tiny_llada: Path, monkeypatc
     assert responses[0].outputs()["INPUT_IDS"].tolist() == [ids]
     assert responses[0].outputs()["INPUT_LENGTH"].tolist() == [[len(ids)]]
     assert responses[1].error().code() == pb.TritonError.INVALID_ARG
-    assert responses[1].error().message().startswith("input 'text_input' is required")
+    assert responses[1].error().message().startswith("[vdiff:invalid_input] input 'text_input' is required")
     assert responses[2].error().code() == pb.TritonError.INVALID_ARG
     assert "algorithm must be one of" in responses[2].error().message()
 
@@ -69,7 +43,8 @@ def test_tokenizer_passes_token_ids_through_after_checking_them(
     assert responses[0].outputs()["INPUT_IDS"].tolist() == [[5, 6, 7]]
     assert "not both" in responses[1].error().message()
     assert responses[2].error().message() == (
-        f"input 'input_ids'[1]: token id {vocab} is out of vocabulary (ids run from 0 to {vocab - 1})"
+        "[vdiff:invalid_input] input 'input_ids'[1]: "
+        f"token id {vocab} is out of vocabulary (ids run from 0 to {vocab - 1})"
     )
     assert "send the prompt as text" in responses[3].error().message()
 
@@ -86,9 +61,12 @@ def test_denoiser_streams_tensors_and_ends_with_final(tiny_llada: Path, monkeypa
         assert request.sender.closed.wait(60)
         outputs = [response.outputs() for response, _ in request.sender.responses]
         assert [flags for _, flags in request.sender.responses][-1] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        assert sum(int(o["NUM_OUTPUT_TOKENS"][0, 0]) for o in outputs) == 16
-        assert outputs[-1]["TOKENS"].shape == (1, 16) and outputs[-1]["FINISH_REASON"].tolist() == [[b"length"]]
-        assert all(o["NUM_INPUT_TOKENS"].tolist() == [[len(ids)]] for o in outputs)
+        ids_sent = [i for o in outputs for i in o["output_ids"].reshape(-1).tolist()]
+        assert sum(int(o["num_output_tokens"][0, 0]) for o in outputs) == len(ids_sent) == 16
+        text_sent = "".join(o["text_output"][0, 0].decode() for o in outputs)
+        assert text_sent == Tokenizer.load(tiny_llada).decode(ids_sent)
+        assert outputs[-1]["finish_reason"].tolist() == [[b"length"]]
+        assert all(o["num_input_tokens"].tolist() == [[len(ids)]] for o in outputs)
         for failed in (bad, stop_without_id):
             (response, flags), *rest = failed.sender.responses
             assert not rest and flags == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -99,21 +77,19 @@ def test_denoiser_streams_tensors_and_ends_with_final(tiny_llada: Path, monkeypa
         model.finalize()
 
 
-def test_detokenizer_returns_the_delta_and_stops_cancelled_work(
+def test_detokenizer_passes_the_delta_on_and_stops_cancelled_work(
     tiny_llada: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = load_model("detokenizer", tiny_llada, monkeypatch)
-    tokenizer = Tokenizer.load(tiny_llada)
-    ids = tokenizer.encode("one two three")
-    full = tokenizer.decode(ids)
-    update = Update("vdiff-7", ids, len("one"), len(full), 2, "", 4, 9, 0.25, "")
+    update = Update("vdiff-7", [11, 12], " two", 4, 9, 0.25, "")
     live = pb.Request(denoiser_outputs(update))
     cancelled = pb.Request(denoiser_outputs(update), cancelled=True)
     pb.InferenceRequest.executed.clear()
     first, second = model.execute([live, cancelled])
-    assert first.outputs()["TEXT_OUTPUT"].tolist() == [[full[len("one") :].encode()]]
-    assert first.outputs()["STEP_INDEX"].tolist() == [[9]] and first.outputs()["NUM_OUTPUT_TOKENS"].tolist() == [[2]]
-    assert first.outputs()["QUEUE_TIME"].tolist() == [[0.25]]
+    assert first.outputs()["text_output"].tolist() == [[b" two"]]
+    assert first.outputs()["step_index"].tolist() == [[9]] and first.outputs()["num_output_tokens"].tolist() == [[2]]
+    assert first.outputs()["queue_time"].tolist() == [[0.25]]
+    assert set(first.outputs()) == PASSED_ON  # what the ensemble maps to its outputs
     assert not second.has_error()  # an error here would leave Triton 2.51's ensemble waiting forever
     (order,) = pb.InferenceRequest.executed
     assert order.model_name == "diffusion_denoise" and order.request_id == "vdiff-7"

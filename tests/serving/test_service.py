@@ -11,12 +11,14 @@ import pytest
 
 from conftest import SERVED_DTYPE
 from vdiff import LLM, SamplingParams
-from vdiff.backend.detokenize import text_delta
 from vdiff.backend.inputs import StreamOptions
-from vdiff.backend.service import DenoiseService, ErrorKind, ServiceError, Update
+from vdiff.backend.responder import Update
+from vdiff.backend.service import DenoiseService, ServiceError
 from vdiff.config import DEFAULT_MAX_STOP_STRINGS, EngineConfig
+from vdiff.detokenizer import IncrementalDetokenizer
 from vdiff.engine import Engine
 from vdiff.tokenizer import Tokenizer
+from vdiff_client.codes import ErrorCode
 
 
 @dataclass
@@ -24,7 +26,7 @@ class Collector:
     """A Sink that keeps everything and can be cancelled."""
 
     updates: list[tuple[Update, bool]] = field(default_factory=list)
-    errors: list[tuple[ErrorKind, str]] = field(default_factory=list)
+    errors: list[tuple[ErrorCode, str]] = field(default_factory=list)
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -33,17 +35,16 @@ class Collector:
         if final:
             self.done.set()
 
-    def fail(self, kind: ErrorKind, message: str) -> None:
-        self.errors.append((kind, message))
+    def fail(self, code: ErrorCode, message: str) -> None:
+        self.errors.append((code, message))
         self.done.set()
 
     def is_cancelled(self) -> bool:
         return self.cancelled
 
-    def text(self, tokenizer: Tokenizer) -> str:
-        return "".join(
-            u.prompt_text + text_delta(tokenizer, u.token_ids, u.text_offset, u.text_end) for u, _ in self.updates
-        )
+    @property
+    def text(self) -> str:
+        return "".join(u.text for u, _ in self.updates)
 
 
 @pytest.fixture
@@ -66,8 +67,8 @@ def test_streamed_deltas_rebuild_the_offline_text(service: DenoiseService, serve
     sink = submit(service, "hello there", max_tokens=40)
     assert sink.done.wait(60)
     expected = served_llm.generate("hello there", SamplingParams(max_tokens=40))[0]
-    assert sink.text(service.engine.tokenizer) == expected.text
-    assert sum(u.new_tokens for u, _ in sink.updates) == len(expected.token_ids)
+    assert sink.text == expected.text
+    assert [i for u, _ in sink.updates for i in u.token_ids] == expected.token_ids
     assert [final for _, final in sink.updates] == [False] * (len(sink.updates) - 1) + [True]
     assert sink.updates[-1][0].finish_reason == expected.finish_reason
 
@@ -77,7 +78,7 @@ def test_without_stream_exactly_one_response_carries_everything(service: Denoise
     assert sink.done.wait(60)
     expected = served_llm.generate("hello", SamplingParams(max_tokens=24))[0]
     assert len(sink.updates) == 1 and sink.updates[0][1]
-    assert sink.text(service.engine.tokenizer) == "hello" + expected.text
+    assert sink.text == "hello" + expected.text
 
 
 def test_capacity_is_running_plus_queue(service: DenoiseService) -> None:
@@ -85,12 +86,12 @@ def test_capacity_is_running_plus_queue(service: DenoiseService) -> None:
     sinks = [submit(service, f"fill {i}", **long) for i in range(3)]  # max_num_seqs 2 + max_queue_size 1
     with pytest.raises(ServiceError) as refused:
         submit(service, "one more", max_tokens=4)
-    assert refused.value.kind is ErrorKind.UNAVAILABLE and "at capacity (3 requests in flight" in str(refused.value)
+    assert refused.value.code is ErrorCode.CAPACITY and "at capacity (3 requests in flight" in str(refused.value)
     for sink in sinks:
         sink.cancelled = True
     for sink in sinks:
         assert sink.done.wait(30)
-        assert sink.errors == [(ErrorKind.CANCELLED, "the request was cancelled")]
+        assert sink.errors == [(ErrorCode.CANCELLED, "the request was cancelled")]
     assert service.in_flight == 0
 
 
@@ -118,7 +119,7 @@ def test_engine_refusals_are_raised_at_submit_and_take_no_slot(
     """Checked on the caller's thread, before the engine thread or its memory is involved."""
     with pytest.raises(ServiceError) as refused:
         submit(service, "x", **fields)
-    assert refused.value.kind is ErrorKind.INVALID_ARG and named in str(refused.value)
+    assert refused.value.code is ErrorCode.INVALID_INPUT and named in str(refused.value)
     assert service.in_flight == 0
     assert submit(service, "x", max_tokens=4).done.wait(30)  # still serving
 
@@ -149,25 +150,23 @@ def test_shutdown_lets_running_requests_finish_and_refuses_new_ones(tiny_llada: 
     sink = submit(service, "finish me", max_tokens=64, ignore_eos=True)
     service.shutdown(timeout=60)
     assert sink.updates[-1][0].finish_reason == "length" and sink.updates[-1][1]
-    with pytest.raises(ServiceError, match="shutting down"):
+    with pytest.raises(ServiceError, match="shutting down") as refused:
         submit(service, "too late", max_tokens=4)
+    assert refused.value.code is ErrorCode.SHUTDOWN
 
 
 def test_text_deltas_never_split_a_character(tiny_llada: Path) -> None:
-    """With the engine's rule (hold back a trailing U+FFFD), deltas rebuild multi-byte text exactly."""
+    """Read a token at a time, held back at a trailing U+FFFD, deltas rebuild multi-byte text exactly."""
     tokenizer = Tokenizer.load(tiny_llada)
     text = "naïve café — 日本語 ✓ done"
     ids = tokenizer.encode(text)
     assert len(ids) > len(text.split())  # the tiny BPE splits these characters into byte pieces
-    sent, pieces = 0, []
+    decoder, pieces = IncrementalDetokenizer(), []
     for k in range(1, len(ids) + 1):
-        final = k == len(ids)
-        decoded = tokenizer.decode(ids[:k])
-        settled = len(decoded if final else decoded.rstrip("\ufffd"))
-        piece = text_delta(tokenizer, ids[:k], sent, settled)
-        assert "\ufffd" not in piece
-        pieces.append(piece)
-        sent = max(sent, settled)
+        shown = len(decoder.shown)
+        decoder.extend(tokenizer, ids[:k], final=k == len(ids))
+        assert "\ufffd" not in decoder.shown[shown:]
+        pieces.append(decoder.shown[shown:])
     assert "".join(pieces) == text
 
 
@@ -184,5 +183,5 @@ def test_a_broken_sender_ends_only_its_own_request(service: DenoiseService, serv
     assert neighbour.done.wait(30)
     assert neighbour.errors == [] and neighbour.updates[-1][0].finish_reason == "length"
     expected = served_llm.generate("x", params)[0]
-    assert neighbour.text(service.engine.tokenizer) == expected.text
+    assert neighbour.text == expected.text
     assert service.in_flight == 0

@@ -137,7 +137,7 @@ def test_bad_settings_are_refused_by_name(values: dict, message: str) -> None:
 
 def test_render_sets_parameters_in_every_config_that_declares_them(tmp_path: Path) -> None:
     target = render_repository(tmp_path / "repo", {"model": '/models/a "b" ü', "max_num_seqs": "4"})
-    for name in ("tokenizer", "diffusion_denoise", "detokenizer"):
+    for name in ("tokenizer", "diffusion_denoise"):  # the detokenizer decodes nothing: no model
         assert read_parameters((target / name / "config.pbtxt").read_text())["model"] == '/models/a "b" ü'
     denoiser = read_parameters((target / "diffusion_denoise" / "config.pbtxt").read_text())
     assert denoiser["max_num_seqs"] == "4" and denoiser["max_queue_size"] == "32"

@@ -38,7 +38,7 @@ OPTIONS = (
     Option("seed", "TYPE_UINT64", "seed"),
     Option("stop_words", "TYPE_STRING", "stop"),
     Option("stop_token_ids", "TYPE_INT32", "stop_token_ids"),
-    Option("ignore_eos", "TYPE_BOOL", "ignore_eos"),  # fixed-length outputs, for benchmarks
+    Option("ignore_eos", "TYPE_BOOL", "ignore_eos"),  # max_tokens real tokens, as vLLM's, for benchmarks
     Option("steps", "TYPE_INT32", "steps"),
     Option("block_length", "TYPE_INT32", "block_length"),
     Option("algorithm", "TYPE_STRING", "algorithm"),
@@ -50,6 +50,7 @@ OPTIONS = (
     Option("apd_mixture_weight", "TYPE_FP32", "apd_mixture_weight"),
     Option("apd_kv_window", "TYPE_INT32", "apd_kv_window"),
     Option("apd_max_lookahead", "TYPE_INT32", "apd_max_lookahead"),
+    Option("full_canvas", "TYPE_BOOL", "full_canvas"),  # the whole canvas, EOS padding included
     Option("stream", "TYPE_BOOL", None),
     Option("exclude_input_in_output", "TYPE_BOOL", None),
     # The counts are always returned; the flags exist because the Triton OpenAI frontend sends them.

@@ -14,14 +14,73 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 
 from vdiff.backend.metrics import ServiceMetrics
+from vdiff_client.codes import ErrorCode
 
 logger = logging.getLogger("vdiff.backend")
 
 CANCEL_POLL_S = 0.005  # a cancelled request is noticed within this, then leaves before the next step
 METRICS_FLUSH_S = 0.25
+
+
+@dataclass(frozen=True)
+class Update:
+    """One response: the tokens that became final since the last one, and their text."""
+
+    key: str  # the service's id of the request; a stop order with it ends the request
+    token_ids: list[int]  # the ids whose text is in `text`
+    text: str  # the new text (after the echoed prompt, in the first response of an echo request)
+    prompt_tokens: int
+    step_index: int  # the request's forward evaluations so far
+    queue_time: float  # seconds from arrival to the first denoising step; -1: it never ran
+    finish_reason: str  # "" until the last response: stop, length or abort
+
+
+class Sink(Protocol):
+    """Where a request's responses go (Triton's response sender, in the model)."""
+
+    def send(self, update: Update, final: bool) -> None: ...
+
+    def fail(self, code: ErrorCode, message: str) -> None: ...  # an error response that ends the stream
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Watch:
+    """Poll the request's cancellation until its last response is sent."""
+
+    key: str
+    sink: Sink
+
+
+@dataclass(frozen=True)
+class Send:
+    key: str
+    sink: Sink
+    update: Update
+    final: bool
+
+
+@dataclass(frozen=True)
+class Fail:
+    """An error response that ends the request."""
+
+    key: str
+    sink: Sink
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """Send what is queued, then end the thread."""
+
+
+Outgoing = Watch | Send | Fail | Close  # what the responder's outbox carries
 
 
 class Responder:
@@ -34,8 +93,8 @@ class Responder:
         self._on_cancelled = on_cancelled  # told once per cancelled request (from this thread)
         self._on_broken = on_broken  # told when a request's sender failed
         self._metrics = metrics
-        self._outbox: queue.SimpleQueue[tuple[str, Any, Any, bool] | None] = queue.SimpleQueue()
-        self._watched: dict[str, Any] = {}  # key -> sink, owned by this thread
+        self._outbox: queue.SimpleQueue[Outgoing] = queue.SimpleQueue()
+        self._watched: dict[str, Sink] = {}  # key -> sink, owned by this thread
         self._thread = threading.Thread(target=self._run, name="vdiff-responder", daemon=True)
 
     def start(self) -> None:
@@ -45,30 +104,30 @@ class Responder:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    def watch(self, key: str, sink: Any) -> None:
+    def watch(self, key: str, sink: Sink) -> None:
         """Poll this request's cancellation until its last response is sent."""
-        self._outbox.put((key, sink, None, False))
+        self._outbox.put(Watch(key, sink))
 
-    def send(self, key: str, sink: Any, update: Any, final: bool) -> None:
-        self._outbox.put((key, sink, update, final))
+    def send(self, key: str, sink: Sink, update: Update, final: bool) -> None:
+        self._outbox.put(Send(key, sink, update, final))
 
-    def fail(self, key: str, sink: Any, error: tuple[Any, str]) -> None:
-        """An error response (kind, message) that ends the request."""
-        self._outbox.put((key, sink, error, True))
+    def fail(self, key: str, sink: Sink, code: ErrorCode, message: str) -> None:
+        """An error response that ends the request."""
+        self._outbox.put(Fail(key, sink, code, message))
 
     def stop(self, timeout: float) -> None:
         """Send what is queued, then end the thread (waiting at most `timeout` seconds)."""
-        self._outbox.put(None)
+        self._outbox.put(Close())
         self._thread.join(timeout)
 
     def _run(self) -> None:
         next_poll = next_flush = time.monotonic()
         while True:
             try:
-                item = self._outbox.get(timeout=CANCEL_POLL_S)
-                while item is not None:
-                    self._handle(*item)
-                    item = self._outbox.get_nowait()
+                message = self._outbox.get(timeout=CANCEL_POLL_S)
+                while not isinstance(message, Close):
+                    self._handle(message)
+                    message = self._outbox.get_nowait()
                 self._metrics.flush()
                 return
             except queue.Empty:
@@ -81,21 +140,21 @@ class Responder:
                 self._metrics.flush()
                 next_flush = now + METRICS_FLUSH_S
 
-    def _handle(self, key: str, sink: Any, payload: Any, final: bool) -> None:
-        if payload is None:
-            self._watched[key] = sink
+    def _handle(self, message: Watch | Send | Fail) -> None:
+        if isinstance(message, Watch):
+            self._watched[message.key] = message.sink
             return
-        if final:
-            self._watched.pop(key, None)
+        if isinstance(message, Fail) or message.final:
+            self._watched.pop(message.key, None)
         try:
-            if isinstance(payload, tuple):
-                sink.fail(*payload)
+            if isinstance(message, Fail):
+                message.sink.fail(message.code, message.message)
             else:
-                sink.send(payload, final)
+                message.sink.send(message.update, message.final)
         except Exception:  # this request's sender is broken; the others go on
-            logger.exception("could not send a response for %s; ending it", key)
-            self._watched.pop(key, None)
-            self._on_broken(key)
+            logger.exception("could not send a response for %s; ending it", message.key)
+            self._watched.pop(message.key, None)
+            self._on_broken(message.key)
 
     def _poll_cancellation(self) -> None:
         for key, sink in list(self._watched.items()):

@@ -11,73 +11,38 @@ thread never fills (Triton's own max_queue_size cannot act).
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from vdiff.backend.inputs import StreamOptions, name_inputs
 from vdiff.backend.metrics import ServiceMetrics
-from vdiff.backend.responder import Responder
-from vdiff.engine import Engine
+from vdiff.backend.responder import Responder, Sink, Update
+from vdiff.engine import Admitted, Engine
 from vdiff.outputs import RequestOutput
 from vdiff.sampling_params import SamplingParams
+from vdiff_client.codes import ErrorCode
 
 logger = logging.getLogger("vdiff.backend")
 
 ABANDON_GRACE_S = 5.0
 
 
-class ErrorKind(enum.Enum):
-    INVALID_ARG = "INVALID_ARG"
-    UNAVAILABLE = "UNAVAILABLE"
-    CANCELLED = "CANCELLED"
-    INTERNAL = "INTERNAL"
-
-
 class ServiceError(Exception):
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
-        self.kind = kind
-
-
-@dataclass(frozen=True)
-class Update:
-    """One response: every final id so far, and which characters of their text are new."""
-
-    key: str  # the service's id of the request; a stop order with it ends the request
-    token_ids: list[int]
-    text_offset: int  # characters of the answer's text already sent
-    text_end: int  # characters settled now; this response carries [text_offset, text_end)
-    new_tokens: int
-    prompt_text: str  # the echoed prompt, in the first response of an echo request only
-    prompt_tokens: int
-    step_index: int  # the request's forward evaluations so far
-    queue_time: float  # seconds from arrival to the first denoising step; -1: it never ran
-    finish_reason: str  # "" until the last response: stop, length or abort
-
-
-class Sink(Protocol):
-    """Where a request's responses go (Triton's response sender, in the model)."""
-
-    def send(self, update: Update, final: bool) -> None: ...
-
-    def fail(self, kind: ErrorKind, message: str) -> None: ...  # an error response that ends the stream
-
-    def is_cancelled(self) -> bool: ...
+        self.code = code
 
 
 @dataclass
 class Stream:
     key: str
     client_id: str
-    prompt_ids: list[int]
+    admitted: Admitted  # the engine's checks passed on Triton's thread: not run again on the engine's
     prompt_text: str
-    params: SamplingParams
     options: StreamOptions
     sink: Sink
     arrived: float = field(default_factory=time.perf_counter)
@@ -178,22 +143,22 @@ class DenoiseService:
         is answered at once, however long the step in flight takes.
         """
         try:
-            self.engine.check_request(prompt_ids, params)
+            admitted = self.engine.check_request(prompt_ids, params)
         except ValueError as error:
-            raise ServiceError(ErrorKind.INVALID_ARG, name_inputs(str(error))) from None
+            raise ServiceError(ErrorCode.INVALID_INPUT, name_inputs(str(error))) from None
         with self._lock:
             if self._closing.is_set():
-                raise ServiceError(ErrorKind.UNAVAILABLE, "the server is shutting down; retry on another replica")
+                raise ServiceError(ErrorCode.SHUTDOWN, "the server is shutting down; retry on another replica")
             if self._in_flight >= self.capacity:
                 raise ServiceError(
-                    ErrorKind.UNAVAILABLE,
+                    ErrorCode.CAPACITY,
                     f"the server is at capacity ({self._in_flight} requests in flight: max_num_seqs "
                     f"{self.engine.config.max_num_seqs} running plus max_queue_size "
                     f"{self.capacity - self.engine.config.max_num_seqs} waiting); retry later",
                 )
             self._in_flight += 1
             key = f"vdiff-{next(self._keys)}"
-        self._inbox.put(Add(Stream(key, client_id, prompt_ids, prompt_text, params, options, sink)))
+        self._inbox.put(Add(Stream(key, client_id, admitted, prompt_text, options, sink)))
         return key
 
     def stop(self, request_id: str) -> None:
@@ -222,14 +187,14 @@ class DenoiseService:
             try:
                 abandon |= self._take_messages(block=not self.engine.has_unfinished())
                 if abandon:
-                    self._end_all(ErrorKind.UNAVAILABLE, "the server shut down before the request finished")
+                    self._end_all(ErrorCode.SHUTDOWN, "the server shut down before the request finished")
                 if self._closing.is_set() and not self._streams and self._inbox.empty():
                     return
                 if self.engine.has_unfinished():
                     self._step()
             except Exception:  # the thread must outlive any one failure, or every later request hangs
                 logger.exception("denoising service failed; ending every request in flight")
-                self._end_all(ErrorKind.INTERNAL, "the denoising service failed (see the server log)")
+                self._end_all(ErrorCode.INTERNAL, "the denoising service failed (see the server log)")
 
     def _take_messages(self, block: bool) -> bool:
         """Apply queued requests, stop orders, cancellations and broken senders; True when told to abandon."""
@@ -259,23 +224,21 @@ class DenoiseService:
 
     def _add(self, stream: Stream) -> None:
         try:
-            self.engine.add_request(
-                stream.prompt_ids, stream.params, request_id=stream.key, arrival_time=stream.arrived
-            )
+            self.engine.add_admitted(stream.admitted, request_id=stream.key, arrival_time=stream.arrived)
         except ValueError as error:
-            self._refuse(stream, ErrorKind.INVALID_ARG, name_inputs(str(error)))
+            self._refuse(stream, ErrorCode.INVALID_INPUT, name_inputs(str(error)))
             return
         except Exception:
             logger.exception("could not add request %s", stream.key)
-            self._refuse(stream, ErrorKind.INTERNAL, "the engine could not take the request (see the server log)")
+            self._refuse(stream, ErrorCode.INTERNAL, "the engine could not take the request (see the server log)")
             return
         self._streams[stream.key] = stream
         self._responder.watch(stream.key, stream.sink)
         self._report_queue()
 
-    def _refuse(self, stream: Stream, kind: ErrorKind, message: str) -> None:
+    def _refuse(self, stream: Stream, code: ErrorCode, message: str) -> None:
         self._release(stream)
-        self._responder.fail(stream.key, stream.sink, (kind, message))
+        self._responder.fail(stream.key, stream.sink, code, message)
 
     def _stop(self, request_id: str) -> None:
         for stream in list(self._streams.values()):
@@ -301,7 +264,7 @@ class DenoiseService:
             outputs = self.engine.step()
         except Exception:
             logger.exception("engine step failed; ending every request in flight")
-            self._end_all(ErrorKind.INTERNAL, "the engine failed during a denoising step (see the server log)")
+            self._end_all(ErrorCode.INTERNAL, "the engine failed during a denoising step (see the server log)")
             return
         if computing:
             self.metrics.step(time.perf_counter() - started)
@@ -321,12 +284,13 @@ class DenoiseService:
                 self.metrics.first_token(now - stream.arrived)
         if output.finished:
             self._release(stream)
-            self.metrics.finished(len(stream.prompt_ids), output.nfe, len(output.token_ids), now - stream.arrived)
+            prompt_tokens = len(stream.admitted.prompt_ids)
+            self.metrics.finished(prompt_tokens, output.nfe, len(output.token_ids), now - stream.arrived)
         if stream.broken:
             return
         if stream.cancelled:
             if output.finished:
-                self._responder.fail(stream.key, stream.sink, (ErrorKind.CANCELLED, "the request was cancelled"))
+                self._responder.fail(stream.key, stream.sink, ErrorCode.CANCELLED, "the request was cancelled")
             return
         if stream.options.stream or output.finished:
             self._responder.send(stream.key, stream.sink, self._update(stream, output), output.finished)
@@ -336,12 +300,9 @@ class DenoiseService:
         stream.echoed = True
         update = Update(
             key=stream.key,
-            token_ids=output.token_ids,
-            text_offset=stream.sent_chars,
-            text_end=len(output.text),
-            new_tokens=len(output.token_ids) - stream.sent_tokens,
-            prompt_text=echo,
-            prompt_tokens=len(stream.prompt_ids),
+            token_ids=output.token_ids[stream.sent_tokens :],
+            text=echo + output.text[stream.sent_chars :],
+            prompt_tokens=len(stream.admitted.prompt_ids),
             step_index=output.nfe,
             queue_time=-1.0 if output.queue_time is None else output.queue_time,
             finish_reason=output.finish_reason or "",
@@ -354,11 +315,11 @@ class DenoiseService:
         with self._lock:
             self._in_flight -= 1
 
-    def _end_all(self, kind: ErrorKind, message: str) -> None:
+    def _end_all(self, code: ErrorCode, message: str) -> None:
         for stream in list(self._streams.values()):
             self.engine.abort(stream.key)
             self._release(stream)
-            self._responder.fail(stream.key, stream.sink, (kind, message))
+            self._responder.fail(stream.key, stream.sink, code, message)
         self._report_queue()
 
     def _report_queue(self) -> None:

@@ -6,13 +6,9 @@ dimension lets clients send `[[x]]`-shaped inputs as TensorRT-LLM's ensemble tak
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
-from vdiff.backend.detokenize import text_delta
-from vdiff.backend.service import Update
-from vdiff.tokenizer import Tokenizer
+from vdiff.backend.responder import Update
 
 
 def _int(value: int) -> np.ndarray:
@@ -28,39 +24,26 @@ def tokenizer_outputs(ids: list[int]) -> dict[str, np.ndarray]:
 
 
 def denoiser_outputs(update: Update) -> dict[str, np.ndarray]:
+    """The ensemble's outputs (text_output a delta), plus the ids of the delta and the request's key."""
     return {
-        "TOKENS": np.array([update.token_ids], dtype=np.int32),
-        "TEXT_OFFSET": _int(update.text_offset),
-        "TEXT_END": _int(update.text_end),
-        "PROMPT_TEXT": _text(update.prompt_text),
-        "NUM_INPUT_TOKENS": _int(update.prompt_tokens),
-        "NUM_OUTPUT_TOKENS": _int(update.new_tokens),
-        "STEP_INDEX": _int(update.step_index),
-        "QUEUE_TIME": np.array([[update.queue_time]], dtype=np.float32),
-        "FINISH_REASON": _text(update.finish_reason),
-        "REQUEST_KEY": _text(update.key),
+        "text_output": _text(update.text),
+        "output_ids": np.array([update.token_ids], dtype=np.int32),
+        "num_input_tokens": _int(update.prompt_tokens),
+        "num_output_tokens": _int(len(update.token_ids)),
+        "step_index": _int(update.step_index),
+        "queue_time": np.array([[update.queue_time]], dtype=np.float32),
+        "finish_reason": _text(update.finish_reason),
+        "request_key": _text(update.key),
     }
 
 
-def detokenizer_outputs(tokenizer: Tokenizer, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The public outputs of one denoiser response: its text delta and the counts passed through."""
-    ids = inputs["TOKENS"].reshape(-1).tolist()
-    delta = text_delta(tokenizer, ids, _scalar(inputs["TEXT_OFFSET"]), _scalar(inputs["TEXT_END"]))
-    prompt = inputs["PROMPT_TEXT"].reshape(-1)[0].decode("utf-8")
-    return {
-        "TEXT_OUTPUT": _text(prompt + delta),
-        "NUM_INPUT_TOKENS": inputs["NUM_INPUT_TOKENS"].reshape(1, 1).astype(np.int32),
-        "NUM_OUTPUT_TOKENS": inputs["NUM_OUTPUT_TOKENS"].reshape(1, 1).astype(np.int32),
-        "STEP_INDEX": inputs["STEP_INDEX"].reshape(1, 1).astype(np.int32),
-        "QUEUE_TIME": inputs["QUEUE_TIME"].reshape(1, 1).astype(np.float32),
-        "FINISH_REASON": inputs["FINISH_REASON"].reshape(1, 1),
-    }
+# what the detokenizer passes on: the denoiser decodes its text incrementally as it settles
+PASSED_ON = frozenset(
+    ("text_output", "num_input_tokens", "num_output_tokens", "step_index", "queue_time", "finish_reason")
+)
 
 
-def request_key(inputs: Mapping[str, np.ndarray]) -> str:
-    key: bytes = inputs["REQUEST_KEY"].reshape(-1)[0]
-    return key.decode("utf-8")
-
-
-def _scalar(array: np.ndarray) -> int:
-    return int(array.reshape(-1)[0])
+def request_key(key: np.ndarray) -> str:
+    """The request's key, from its `request_key` tensor."""
+    value: bytes = key.reshape(-1)[0]
+    return value.decode("utf-8")

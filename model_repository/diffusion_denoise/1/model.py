@@ -7,10 +7,11 @@ import triton_python_backend_utils as pb_utils
 
 from vdiff.backend.inputs import InvalidInputError, bounded_text, input_ids, parse_options
 from vdiff.backend.metrics import TritonMetrics
-from vdiff.backend.service import DenoiseService, ErrorKind, ServiceError
+from vdiff.backend.service import DenoiseService, ServiceError
 from vdiff.backend.settings import BackendSettings
 from vdiff.backend.tensors import denoiser_outputs
 from vdiff.engine import Engine
+from vdiff_client.codes import ErrorCode, tagged
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -25,8 +26,8 @@ class TritonSink:
         tensors = [pb_utils.Tensor(name, array) for name, array in denoiser_outputs(update).items()]
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if final else 0)
 
-    def fail(self, kind, message):
-        error = pb_utils.TritonError(message, getattr(pb_utils.TritonError, kind.value))
+    def fail(self, code, message):
+        error = pb_utils.TritonError(tagged(code, message), getattr(pb_utils.TritonError, code.triton_kind))
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=FINAL)
 
     def is_cancelled(self):
@@ -63,16 +64,16 @@ class TritonPythonModel:
             echo = bounded_text(inputs, bounds) if options.echo else ""
             self.service.submit(request.request_id(), ids, echo, params, options, sink)
         except InvalidInputError as error:
-            sink.fail(ErrorKind.INVALID_ARG, str(error))
+            sink.fail(ErrorCode.INVALID_INPUT, str(error))
         except ServiceError as error:
-            sink.fail(error.kind, str(error))
+            sink.fail(error.code, str(error))
 
     def _stop(self, request_id, sink):
         if not request_id:
             raise InvalidInputError("input 'stop': a stop request needs the id of the request to stop")
         if not self.service.alive:  # stop orders double as the proxy's liveness pings
             message = "the denoising service's threads have stopped"
-            raise ServiceError(ErrorKind.UNAVAILABLE, message)
+            raise ServiceError(ErrorCode.UNAVAILABLE, message)
         self.service.stop(request_id)
         sink.sender.send(pb_utils.InferenceResponse(output_tensors=[]), flags=FINAL)
 

@@ -10,6 +10,7 @@ from vdiff.backend.tensors import tokenizer_outputs
 from vdiff.bounds import RequestBounds
 from vdiff.models import Checkpoint
 from vdiff.tokenizer import Tokenizer
+from vdiff_client.codes import ErrorCode, tagged
 
 
 class TritonPythonModel:
@@ -35,6 +36,7 @@ class TritonPythonModel:
                 raise InvalidInputError("exclude_input_in_output=false echoes 'text_input'; send the prompt as text")
             ids = prompt_ids(inputs, self.tokenizer.encode, self.bounds)
         except InvalidInputError as error:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+            message = tagged(ErrorCode.INVALID_INPUT, str(error))
+            return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG))
         tensors = [pb_utils.Tensor(name, array) for name, array in tokenizer_outputs(ids).items()]
         return pb_utils.InferenceResponse(output_tensors=tensors)
