@@ -67,9 +67,9 @@ class ProxyTokenizer:
             hf.chat_template = read_template(chat_template)
         return cls(hf, max_model_len, trust_request_chat_template)
 
-    @property
+    @functools.cached_property
     def vocab_size(self) -> int:
-        return len(self.hf)
+        return len(self.hf)  # not free: counts the added tokens each time
 
     @functools.cached_property
     def longest_token_chars(self) -> int:
@@ -100,8 +100,21 @@ class ProxyTokenizer:
             lane.shutdown(wait=False, cancel_futures=True)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self._backend is not None:  # what hf.encode runs, without its batch padding machinery
+            fast: list[int] = self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+            return fast
         ids: list[int] = self.hf.encode(text, add_special_tokens=add_special_tokens)
         return ids
+
+    @functools.cached_property
+    def _backend(self) -> Any:
+        """A fast tokenizer's Rust tokenizer, unpadded and untruncated as hf.encode leaves it."""
+        if not getattr(self.hf, "is_fast", False) or getattr(self.hf, "split_special_tokens", False):
+            return None
+        backend = self.hf.backend_tokenizer
+        backend.no_truncation()
+        backend.no_padding()
+        return backend
 
     def encode_prompt(
         self,

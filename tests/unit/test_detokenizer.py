@@ -1,4 +1,5 @@
-"""Incremental detokenization: the same text as one whole decode, for work that grows with the news."""
+"""Incremental detokenization: the same text as one whole decode, for work that grows with the news.
+And the fast paths beside it (the Rust tokenizer called directly) give transformers' results."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from vdiff import LLM, SamplingParams
 from vdiff.detokenizer import IncrementalDetokenizer
 from vdiff.tokenizer import SpecialTokens, Tokenizer
+from vdiff_client.tokenizer import ProxyTokenizer
 
 TEXT = "Hello world, naïve café — 日本語 ✓ 12 + 30 = 42.  Two  spaces, then ünïcödé and emoji 🙂 done."
 
@@ -92,3 +94,13 @@ def test_streamed_text_with_stop_strings_only_grows_and_is_cut_before_the_stop(s
     assert final.finish_reason == "stop" and final.text == whole.text[: whole.text.index(stop)]
     assert "".join(o.new_text for o in outputs) == final.text
     assert all(final.text.startswith(o.text) for o in outputs)
+
+
+def test_the_proxy_encodes_as_transformers_does(tokenizer: Tokenizer) -> None:
+    """Its fast path (the Rust tokenizer itself) gives hf.encode's ids, special tokens and all."""
+    proxy = ProxyTokenizer(tokenizer.hf, max_model_len=4096)
+    special = tokenizer.hf.decode([tokenizer.special.eos])
+    for text in (TEXT, f"  {special}x{special}\n\n\tend ", "", "a" * 3000):
+        for add_special_tokens in (False, True):
+            expected = tokenizer.hf.encode(text, add_special_tokens=add_special_tokens)
+            assert proxy.encode(text, add_special_tokens) == expected
