@@ -1,4 +1,4 @@
-"""vdiff's client package: the OpenAI-compatible server in front of the vdiff Triton ensemble.
+"""vdiff's client package: the OpenAI-compatible server in front of vdiff's Triton models.
 
 `vdiff_client.server.build_app` is the FastAPI app; `vdiff-proxy` (`vdiff_client.cli`) runs it
 against a Triton server that is already up; the `vdiff` command starts Triton and this together.

@@ -12,7 +12,7 @@ import pytest
 from conftest import SERVED_DTYPE
 from vdiff import LLM, SamplingParams
 from vdiff.backend.inputs import StreamOptions
-from vdiff.backend.responder import Update
+from vdiff.backend.responder import Fail, Send, Update, Watch, coalesced
 from vdiff.backend.service import DenoiseService, ServiceError
 from vdiff.config import DEFAULT_MAX_STOP_STRINGS, EngineConfig
 from vdiff.detokenizer import IncrementalDetokenizer
@@ -185,3 +185,32 @@ def test_a_broken_sender_ends_only_its_own_request(service: DenoiseService, serv
     expected = served_llm.generate("x", params)[0]
     assert neighbour.text == expected.text
     assert service.in_flight == 0
+
+
+def test_queued_responses_of_a_request_go_out_as_one() -> None:
+    """When the sends fall behind, each request's queued deltas are joined, in order, and nothing
+    crosses an error or another request's responses."""
+    a, b = Collector(), Collector()
+
+    def update(key: str, ids: list[int], text: str, step: int, finish: str = "") -> Update:
+        return Update(key, ids, text, 3, step, -1.0 if step == 1 else 0.5, finish)
+
+    queued = [
+        Watch("a", a),
+        Send("a", a, update("a", [1], "x", 1), False),
+        Send("b", b, update("b", [7], "p", 2), False),
+        Send("a", a, update("a", [2, 3], "yz", 2), False),
+        Send("a", a, update("a", [4], "!", 3, "stop"), True),
+        Fail("b", b, ErrorCode.CANCELLED, "the request was cancelled"),
+    ]
+    sent = coalesced(queued)
+    assert [type(m).__name__ for m in sent] == ["Watch", "Send", "Send", "Fail"]
+    joined = sent[1]
+    assert isinstance(joined, Send) and joined.final
+    assert (joined.update.token_ids, joined.update.text) == ([1, 2, 3, 4], "xyz!")
+    assert (joined.update.step_index, joined.update.queue_time, joined.update.finish_reason) == (3, 0.5, "stop")
+    assert coalesced([Send("b", b, update("b", [7], "p", 2), False), *queued[-1:], *queued[1:2]]) == [
+        Send("b", b, update("b", [7], "p", 2), False),
+        queued[-1],
+        queued[1],
+    ]

@@ -4,7 +4,9 @@ Every call into Triton's Python backend crosses a process boundary. Measured in 
 load (cProfile, 16 streams): a response send took 0.76 ms, an `is_cancelled()` 0.11 ms and a metric
 update 0.2 ms, together as long as the forward passes themselves. These calls release the GIL
 while they wait, so on a thread of their own they overlap with the next engine step. One thread
-sends everything, so each request's responses keep their order.
+sends everything, so each request's responses keep their order. When the sends fall behind the
+steps (many requests in flight), a request's queued responses go out as one: their deltas joined,
+so a client reads the same text in fewer, larger pieces and the sends keep up.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Protocol, cast
 
 from vdiff.backend.metrics import ServiceMetrics
 from vdiff_client.codes import ErrorCode
@@ -123,15 +125,11 @@ class Responder:
     def _run(self) -> None:
         next_poll = next_flush = time.monotonic()
         while True:
-            try:
-                message = self._outbox.get(timeout=CANCEL_POLL_S)
-                while not isinstance(message, Close):
-                    self._handle(message)
-                    message = self._outbox.get_nowait()
-                self._metrics.flush()
-                return
-            except queue.Empty:
-                pass
+            for message in coalesced(self._take()):
+                if isinstance(message, Close):
+                    self._metrics.flush()
+                    return
+                self._handle(message)
             now = time.monotonic()
             if now >= next_poll:
                 self._poll_cancellation()
@@ -139,6 +137,16 @@ class Responder:
             if now >= next_flush:
                 self._metrics.flush()
                 next_flush = now + METRICS_FLUSH_S
+
+    def _take(self) -> list[Outgoing]:
+        """Everything queued, waiting up to CANCEL_POLL_S for the first."""
+        taken: list[Outgoing] = []
+        try:
+            taken.append(self._outbox.get(timeout=CANCEL_POLL_S))
+            while True:
+                taken.append(self._outbox.get_nowait())
+        except queue.Empty:
+            return taken
 
     def _handle(self, message: Watch | Send | Fail) -> None:
         if isinstance(message, Watch):
@@ -166,3 +174,28 @@ class Responder:
             if cancelled:
                 del self._watched[key]
                 self._on_cancelled(key)
+
+
+def coalesced(messages: list[Outgoing]) -> list[Outgoing]:
+    """The messages in order, each request's sends that follow one another joined into one."""
+    out: list[Outgoing] = []
+    open_send: dict[str, int] = {}  # key -> index in `out` of its send still open to more
+    for message in messages:
+        index = open_send.get(message.key) if isinstance(message, Send) else None
+        if isinstance(message, Send) and index is not None:
+            out[index] = joined(cast(Send, out[index]), message)
+            continue
+        if isinstance(message, Send):
+            open_send[message.key] = len(out)
+        elif isinstance(message, Fail):
+            open_send.pop(message.key, None)
+        out.append(message)
+    return out
+
+
+def joined(first: Send, then: Send) -> Send:
+    """One response carrying both: the deltas in order, the later counts and finish."""
+    a, b = first.update, then.update
+    queue_time = a.queue_time if a.queue_time >= 0 else b.queue_time
+    update = replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, queue_time=queue_time)
+    return Send(first.key, first.sink, update, then.final)
