@@ -161,12 +161,14 @@ class RequestTracker:
         now = time.monotonic()
         self.responded = True
         if delta.new_tokens:
+            # every token after a choice's first is one inter-token latency, however the tokens were
+            # grouped into responses: those that came with the first token came 0 s after it
             previous = self.last_text_at.get(index)
             if previous is None:
                 m.ttft.observe(now - self.started)
-            else:
-                for _ in range(delta.new_tokens):
-                    m.itl.observe((now - previous) / delta.new_tokens)
+            gap = 0.0 if previous is None else (now - previous) / delta.new_tokens
+            for _ in range(delta.new_tokens - (previous is None)):
+                m.itl.observe(gap)
             self.last_text_at[index] = now
             m.generation_tokens.inc(delta.new_tokens)
         self.tokens[index] += delta.new_tokens

@@ -122,3 +122,7 @@ def test_codes_cross_the_real_server_and_proxy(triton_server: Server, proxy: Pro
     finally:
         for stream in direct:
             stream.cancel()
+        in_flight = ("vdiff:num_requests_running", "vdiff:num_requests_waiting")
+        deadline = time.monotonic() + 10  # the cancellations reach the engine within a step or two
+        while sum(read_metric(triton_server.metrics, name) for name in in_flight) and time.monotonic() < deadline:
+            time.sleep(0.05)
