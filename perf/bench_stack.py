@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 from bench_load import wait_healthy
@@ -54,7 +54,15 @@ LONG_TOKENS = 512
 LONG_EDGE = 64  # tokens at each end of the long answer that are compared
 LONG_PROMPT = "Spell the word hippopotamus, then count to nine."
 LONG_FIELDS = {"steps": LONG_TOKENS, "block_length": 32, "ignore_eos": True, "stop": ["never in this answer"]}
+T = TypeVar("T")
 Answer = tuple[str, int, float]  # text, answer tokens, seconds from send to the last byte
+
+
+LOOP = asyncio.new_event_loop()  # one loop for every client: grpc.aio binds its poller to the first
+
+
+def run(work: Awaitable[T]) -> T:
+    return LOOP.run_until_complete(work)
 
 
 def start_vdiff(model: str, log: Path) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -118,7 +126,10 @@ async def triton_answers(
             tokens += delta.new_tokens
         return "".join(text), tokens, time.perf_counter() - sent
 
-    return await closed_loop(len(prompts), concurrency, one)
+    try:
+        return await closed_loop(len(prompts), concurrency, one)
+    finally:
+        await backend.close()  # its channel belongs to this event loop
 
 
 async def openai_answers(url: str, questions: list[str], fields: dict[str, Any], concurrency: int) -> list[Answer]:
@@ -228,7 +239,7 @@ def long_answer(work: Path, baseline: Path | None) -> dict[str, Any]:
     server, url, _ = start_vdiff(str(model), work / "vdiff-long.log")
     try:
         wait_healthy(url, server)
-        long["OpenAI stream, time per token between chunks"] = asyncio.run(streamed_gaps(url))
+        long["OpenAI stream, time per token between chunks"] = run(streamed_gaps(url))
     finally:
         server.terminate()
         server.wait(60)
@@ -254,10 +265,10 @@ def one_round(engine: Any, url: str, grpc: str, questions: list[str], prompts: l
             runs = {"engine": figures(reference, time.perf_counter() - started, reference)}
             for path, model in (("ensemble", "vdiff"), ("denoiser", "diffusion_denoise")):
                 started = time.perf_counter()
-                answers = asyncio.run(triton_answers(grpc, model, prompts, fields, count))
+                answers = run(triton_answers(grpc, model, prompts, fields, count))
                 runs[path] = figures(answers, time.perf_counter() - started, reference)
             started = time.perf_counter()
-            answers = asyncio.run(openai_answers(url, questions, fields, count))
+            answers = run(openai_answers(url, questions, fields, count))
             runs["openai"] = figures(answers, time.perf_counter() - started, reference)
             results[f"{name}/{count}"] = runs
             print(name, count, {path: round(run["tokens_per_s"]) for path, run in runs.items()}, flush=True)
