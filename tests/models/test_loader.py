@@ -11,7 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import copy_model, edit_json, write_tiny
 from vdiff.models import Checkpoint, ModelLoadError, load_model, select_device, select_dtype
-from vdiff.models.loader import AUTO_BF16_MIN_HIDDEN, CPU_BF16_ENV, auto_dtype, cpu_has_fast_bf16
+from vdiff.models.loader import (
+    AUTO_BF16_MIN_HIDDEN,
+    CPU_BF16_ENV,
+    DeviceAvailability,
+    auto_dtype,
+    cpu_has_fast_bf16,
+)
 from vdiff.models.remote import RemoteCodeModel
 
 
@@ -206,8 +212,14 @@ def test_auto_dtype_rules() -> None:
     cpu, mps = torch.device("cpu"), torch.device("mps")
     assert auto_dtype(torch.float32, cpu) == torch.float32
     assert auto_dtype(torch.float16, cpu) == torch.float32  # fp16 on CPU is emulated
-    assert auto_dtype(torch.bfloat16, mps) == torch.bfloat16
+    assert auto_dtype(torch.bfloat16, mps) == torch.float16  # Metal computes in float16
     assert auto_dtype(torch.float16, mps) == torch.float16
+    assert auto_dtype(torch.float32, mps) == torch.float32  # a float32 checkpoint stays float32
+    cuda = torch.device("cuda")
+    volta, ampere = DeviceAvailability(1), DeviceAvailability(1, cuda_bf16=True)
+    assert auto_dtype(torch.bfloat16, cuda, available=ampere) == torch.bfloat16
+    assert auto_dtype(torch.bfloat16, cuda, available=volta) == torch.float16  # no native bf16
+    assert auto_dtype(torch.float16, cuda, available=volta) == torch.float16
 
 
 def test_cpu_bf16_detection_reads_cpu_flags() -> None:
@@ -229,6 +241,28 @@ def test_device_choices() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA is not available"):
             select_device("cuda")
+
+
+@pytest.mark.parametrize(
+    ("machine", "auto", "refused"),
+    [
+        (DeviceAvailability(), "cpu", {"cuda": "CUDA is not", "mps": "MPS is not"}),
+        (DeviceAvailability(2, cuda_bf16=True), "cuda", {"cuda:2": "only 2 GPU", "mps": "MPS is not"}),
+        (DeviceAvailability(mps=True), "mps", {"cuda:0": "CUDA is not available"}),
+        (DeviceAvailability(1, mps=True), "cuda", {"cuda:1": "only 1 GPU"}),
+    ],
+    ids=["cpu-only", "two-gpus", "mac", "gpu-and-mps"],
+)
+def test_device_rules_on_any_machine(machine: DeviceAvailability, auto: str, refused: dict[str, str]) -> None:
+    """The rules, given what a machine offers: auto prefers cuda, then mps; cpu is always there."""
+    assert select_device("auto", machine).type == auto
+    assert select_device("cpu", machine) == torch.device("cpu")
+    for device, reason in refused.items():
+        with pytest.raises(ModelLoadError, match=reason):
+            select_device(device, machine)
+    if machine.cuda_devices:
+        last = machine.cuda_devices - 1
+        assert select_device(f"cuda:{last}", machine).index == last
 
 
 TOY_CONFIG = """

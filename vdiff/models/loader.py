@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,23 +60,44 @@ def load_model(
     return model.eval().requires_grad_(False)
 
 
-def select_device(requested: str | torch.device = "auto") -> torch.device:
+@dataclass(frozen=True)
+class DeviceAvailability:
+    """What this machine offers; the device and dtype rules take it, so they can be tested as any
+    machine (a GPU box, a Mac) anywhere."""
+
+    cuda_devices: int = 0
+    cuda_bf16: bool = False  # the GPUs compute in bfloat16 natively (Ampere and later)
+    mps: bool = False
+
+    @classmethod
+    def here(cls) -> DeviceAvailability:
+        cuda = torch.cuda.is_available()
+        return cls(
+            cuda_devices=torch.cuda.device_count() if cuda else 0,
+            cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+            mps=torch.backends.mps.is_available(),
+        )
+
+
+def select_device(requested: str | torch.device = "auto", available: DeviceAvailability | None = None) -> torch.device:
     """auto picks cuda, then mps, then cpu; an explicit device must be usable here."""
+    available = available or DeviceAvailability.here()
     if str(requested) == "auto":
-        if torch.cuda.is_available():
+        if available.cuda_devices:
             return torch.device("cuda")
-        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
+        return torch.device("mps") if available.mps else torch.device("cpu")
     try:
         device = torch.device(requested)
     except (RuntimeError, TypeError):
         raise ModelLoadError(
             f"device {requested!r} is not a device name (use auto, cuda, cuda:N, mps or cpu)"
         ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not available.cuda_devices:
         raise ModelLoadError(f"device {requested!r} requested but CUDA is not available to this torch build")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ModelLoadError(f"device {requested!r} requested but only {torch.cuda.device_count()} GPU(s) are visible")
-    if device.type == "mps" and not torch.backends.mps.is_available():
+    count = available.cuda_devices
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ModelLoadError(f"device {requested!r} requested but only {count} GPU(s) are visible")
+    if device.type == "mps" and not available.mps:
         raise ModelLoadError(f"device {requested!r} requested but MPS is not available on this machine")
     if device.type not in ("cuda", "mps", "cpu"):
         raise ModelLoadError(f"device {requested!r} is not supported (use auto, cuda, cuda:N, mps or cpu)")
@@ -96,16 +118,25 @@ def select_dtype(requested: str | torch.dtype, checkpoint: Checkpoint, device: t
     return auto_dtype(checkpoint.checkpoint_dtype() or torch.float32, device, width)
 
 
-def auto_dtype(stored: torch.dtype, device: torch.device, hidden_size: int | None = None) -> torch.dtype:
+def auto_dtype(
+    stored: torch.dtype,
+    device: torch.device,
+    hidden_size: int | None = None,
+    available: DeviceAvailability | None = None,
+) -> torch.dtype:
+    """The dtype "auto" runs a checkpoint stored in `stored` in on `device`."""
     if stored not in (torch.bfloat16, torch.float16):
         return torch.float32
+    if device.type == "mps":  # float16: every macOS with MPS runs it (bfloat16 needs macOS 14)
+        return torch.float16
     if device.type == "cpu":
         # Half precision on a CPU without bf16 instructions is emulated and several times slower;
         # with them, narrow models still run faster in float32 (perf/results/dtype_cpu.md).
         wide = hidden_size is None or hidden_size >= AUTO_BF16_MIN_HIDDEN
         return torch.bfloat16 if stored == torch.bfloat16 and wide and cpu_has_fast_bf16() else torch.float32
-    if device.type == "cuda" and stored == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        return torch.float16
+    if device.type == "cuda" and stored == torch.bfloat16:
+        native = (available or DeviceAvailability.here()).cuda_bf16
+        return torch.bfloat16 if native else torch.float16
     return stored
 
 
