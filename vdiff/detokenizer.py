@@ -41,7 +41,8 @@ class IncrementalDetokenizer:
         if text.endswith(INCOMPLETE) and not final:
             self.shown = max(self.shown, text.rstrip(INCOMPLETE), key=len)
             return
-        self.prefix, self.read, self.text = self._next_window(tokenizer, len(ids)), len(ids), text
+        # the ids just read become the next window's context (unused when decoding whole)
+        self.prefix, self.read, self.text = self.read, len(ids), text
         self.shown = text
 
     def text_through(self, tokenizer: Tokenizer, ids: Sequence[int]) -> str | None:
@@ -56,6 +57,3 @@ class IncrementalDetokenizer:
 
     def snapshot(self) -> IncrementalDetokenizer:
         return replace(self)
-
-    def _next_window(self, tokenizer: Tokenizer, end: int) -> int:
-        return self.read if tokenizer.decodes_locally else end

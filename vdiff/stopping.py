@@ -52,11 +52,11 @@ def _through_stop_token(request: Request, new: list[int]) -> list[int]:
 
 
 def _cut_at_stop_string(request: Request, before: IncrementalDetokenizer, have: int, tokenizer: Tokenizer) -> None:
-    """End the answer before the first stop string in the new text, and after the token completing it."""
+    """End the answer before the first stop string in the new text, after the token completing it."""
     text = request.detokenizer.shown
     hits = []
     for stop in request.params.stop:
-        index = text.find(stop, max(0, len(before.shown) - len(stop) + 1))
+        index = text.find(stop, _search_from(before, stop))
         if index >= 0:
             hits.append((index, stop))
     if not hits:
@@ -72,9 +72,14 @@ def _token_completing(
     ids: list[int], have: int, stop: str, before: IncrementalDetokenizer, tokenizer: Tokenizer
 ) -> int:
     """The fewest ids (more than `have`) whose text holds `stop`, decoded on from `before`."""
-    start = max(0, len(before.shown) - len(stop) + 1)  # the text shown before held no stop string
+    start = _search_from(before, stop)
     for end in range(have + 1, len(ids)):
         text = before.text_through(tokenizer, ids[:end])
         if text is not None and text.find(stop, start) >= 0:
             return end
     return len(ids)
+
+
+def _search_from(before: IncrementalDetokenizer, stop: str) -> int:
+    """Where `stop` may first begin: the text shown before held no stop string."""
+    return max(0, len(before.shown) - len(stop) + 1)

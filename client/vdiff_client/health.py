@@ -5,7 +5,8 @@ A readiness flag alone misses a wedged engine thread or a dead stub process; a p
 The result is cached (a few seconds when healthy, one second when not; a request that finds Triton
 unreachable ends a healthy period at once) and probes never overlap, so
 a load balancer polling every second costs at most one tiny request per cache period. A full engine
-is alive: a refusal with the code `capacity` counts as healthy, or a busy replica would flap out of the pool under load.
+is alive: a refusal with the code `capacity` counts as healthy, or a busy replica would flap out
+of the pool under load.
 
 A dead denoiser stub is worse than a slow probe: Triton still reports its model ready, requests in
 flight never hear from it again and new ones may hang. `BackendWatch` pings it every second; a

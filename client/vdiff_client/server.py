@@ -101,8 +101,8 @@ GUARDED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 class APIKeyMiddleware:
-    """`--api-key`: /v1 routes, /tokenize, /detokenize and /tokenizer_info need `Authorization: Bearer <key>`;
-    health, version, metrics and CORS preflight stay open."""
+    """`--api-key`: /v1 routes, /tokenize, /detokenize and /tokenizer_info need
+    `Authorization: Bearer <key>`; health, version, metrics and CORS preflight stay open."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...]) -> None:
         self.app = app

@@ -181,11 +181,11 @@ def coalesced(messages: list[Outgoing]) -> list[Outgoing]:
     out: list[Outgoing] = []
     open_send: dict[str, int] = {}  # key -> index in `out` of its send still open to more
     for message in messages:
-        index = open_send.get(message.key) if isinstance(message, Send) else None
-        if isinstance(message, Send) and index is not None:
-            out[index] = joined(cast(Send, out[index]), message)
-            continue
         if isinstance(message, Send):
+            index = open_send.get(message.key)
+            if index is not None:
+                out[index] = joined(cast(Send, out[index]), message)
+                continue
             open_send[message.key] = len(out)
         elif isinstance(message, Fail):
             open_send.pop(message.key, None)
