@@ -25,6 +25,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from vdiff.models import load_model
+from vdiff.models.quantization import Quantization
 from vdiff.models.registry import native_architecture
 
 # Llama-3 style, as LLaDA-8B-Instruct renders it:
@@ -336,8 +338,27 @@ def make_tiny_model(args: argparse.Namespace) -> Path:
     config = (llada_config if family.arch == "llada" else dream_config)(args, ids, vocab)
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", generation_config(family, ids))
-    save_weights(random_weights(config, args.seed, getattr(torch, args.dtype)), out, args.shards)
+    plain = random_weights(config, args.seed, getattr(torch, args.dtype))
+    save_weights(plain, out, args.shards)
+    if args.quantize:
+        quantize_checkpoint(out, config, args)
     return out
+
+
+def quantize_checkpoint(out: Path, config: dict[str, Any], args: argparse.Namespace) -> None:
+    """Rewrite the checkpoint in `out` as bitsandbytes writes it (transformers' save_pretrained of
+    a model loaded with a BitsAndBytesConfig): the linear layers' quantized tensors and
+    statistics beside the plain embeddings, norms and head, and config.json's quantization_config."""
+    plan = Quantization(
+        bits=8 if args.quantize == "8bit" else 4, quant_type=args.quant_type, double_quant=args.double_quant
+    )
+    model = load_model(out, dtype=args.dtype, device="cpu", quantization=plan)
+    # clones: tied names share storage, which safetensors refuses
+    state = {name: tensor.contiguous().clone() for name, tensor in model.state_dict().items()}
+    for file in out.glob("model*.safetensors*"):
+        file.unlink()
+    save_weights(state, out, args.shards)
+    write_json(out / "config.json", {**config, "quantization_config": plan.hf_config(getattr(torch, args.dtype))})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -361,6 +382,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-len", type=int, default=512, help="max_sequence_length / max_position_embeddings")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--shards", type=int, default=1, help="split the weights into N safetensors files")
+    parser.add_argument(
+        "--quantize", choices=["8bit", "4bit"], default=None,
+        help="write a bitsandbytes checkpoint (LLM.int8 or 4-bit) as transformers' save_pretrained does",
+    )  # fmt: skip
+    parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="with --quantize 4bit")
+    parser.add_argument("--double-quant", action="store_true", help="with --quantize 4bit: quantize the scales")
     args = parser.parse_args(argv)
     if args.hidden % args.heads or args.heads % (args.kv_heads or 1):
         parser.error("--hidden must divide by --heads and --heads by --kv-heads")

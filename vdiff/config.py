@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vdiff.models.quantization import QuantizationFlags
+
 DEFAULT_MAX_STOP_STRINGS = 64  # the proxy's --max-stop-sequences default
+BATCH_INVARIANT_QUANTIZED = (
+    "batch_invariant cannot be combined with bitsandbytes quantization: its kernels choose their "
+    "path by the number of rows, which batch-invariant mode exists to rule out"
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,15 @@ class EngineConfig:
     batch_invariant: bool = False
     # stop strings one request may bring (vdiff serve --max-stop-sequences)
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
+    # bitsandbytes at load, as vLLM's --quantization: bitsandbytes (4-bit NF4), bitsandbytes-8bit,
+    # bitsandbytes-4bit; a checkpoint quantized with bitsandbytes needs none of these
+    quantization: str | None = None
+    bnb_4bit_quant_type: str | None = None  # nf4 (default) or fp4
+    bnb_4bit_compute_dtype: str = "auto"  # auto: the model's dtype
+
+    @property
+    def quantization_flags(self) -> QuantizationFlags | None:
+        return QuantizationFlags.parse(self.quantization, self.bnb_4bit_quant_type, self.bnb_4bit_compute_dtype)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
@@ -38,3 +53,5 @@ class EngineConfig:
             raise ValueError(f"max_stop_strings must be an integer >= 1, got {stops!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if self.quantization_flags is not None and self.batch_invariant:
+            raise ValueError(BATCH_INVARIANT_QUANTIZED)

@@ -24,9 +24,10 @@ from torch import nn
 
 from vdiff.bounds import RequestBounds
 from vdiff.canvas import CanvasPool, Commits
-from vdiff.config import EngineConfig
+from vdiff.config import BATCH_INVARIANT_QUANTIZED, EngineConfig
 from vdiff.decoding import DecodingStrategy, get_strategy
 from vdiff.models import Checkpoint, DiffusionLM, load_model
+from vdiff.models.quantization import is_quantized
 from vdiff.outputs import RequestOutput
 from vdiff.request import Request
 from vdiff.runner import ModelRunner, StepBatch
@@ -43,7 +44,11 @@ class Engine:
     ) -> None:
         checkpoint = Checkpoint.open(config.model)
         self.config = config
-        self.model = model or load_model(checkpoint, config.dtype, config.device, config.trust_remote_code)
+        self.model = model or load_model(
+            checkpoint, config.dtype, config.device, config.trust_remote_code, config.quantization_flags
+        )
+        if config.batch_invariant and is_quantized(self.model):
+            raise ValueError(BATCH_INVARIANT_QUANTIZED)
         self.tokenizer = tokenizer or Tokenizer.load(
             checkpoint, config.tokenizer, config.trust_remote_code, config.chat_template
         )

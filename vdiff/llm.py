@@ -33,11 +33,15 @@ class LLM:
         seed: int = 0,
         verifier: str | os.PathLike[str] | None = None,
         batch_invariant: bool = False,
+        quantization: str | None = None,
+        bnb_4bit_quant_type: str | None = None,
+        bnb_4bit_compute_dtype: str = "auto",
     ) -> None:
         config = EngineConfig(
             str(model), tokenizer, dtype, device, trust_remote_code, chat_template,
             max_num_seqs, max_num_batched_tokens, seed, None if verifier is None else str(verifier),
-            batch_invariant,
+            batch_invariant, quantization=quantization, bnb_4bit_quant_type=bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
         )  # fmt: skip
         self.engine = Engine(config)
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import ssl
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,21 +211,25 @@ def request_limits(args: argparse.Namespace) -> RequestLimits:
     )
 
 
-def add_ignored_arguments(parser: argparse.ArgumentParser) -> None:
+def add_ignored_arguments(parser: argparse.ArgumentParser, implemented: Collection[str] = ()) -> None:
+    """vLLM's flags this command accepts and ignores: all of IGNORED_FLAGS but those `implemented`
+    (`vdiff serve` quantizes; the proxy alone, in front of a running Triton, cannot)."""
     group = parser.add_argument_group("accepted for vLLM compatibility and ignored")
     for names, takes_value in IGNORED_FLAGS:
+        if names[0] in implemented:
+            continue
         dest = "ignored_" + names[0].lstrip("-").replace("-", "_")
         if takes_value:
             group.add_argument(*names, dest=dest, default=None, action="append", help=argparse.SUPPRESS)
         else:
             group.add_argument(*names, dest=dest, action="store_true", help=argparse.SUPPRESS)
-    group.description = "  ".join(names[0] for names, _ in IGNORED_FLAGS)
+    group.description = "  ".join(names[0] for names, _ in IGNORED_FLAGS if names[0] not in implemented)
 
 
 def ignored_flags_given(args: argparse.Namespace) -> list[str]:
     given = []
     for names, _ in IGNORED_FLAGS:
-        value = getattr(args, "ignored_" + names[0].lstrip("-").replace("-", "_"))
+        value = getattr(args, "ignored_" + names[0].lstrip("-").replace("-", "_"), None)
         if value:
             given.append(names[0])
     return given

@@ -27,6 +27,9 @@ class BackendSettings:
     dtype: str = "auto"
     device: str = "auto"  # auto: cuda, then mps, then cpu
     trust_remote_code: bool = False
+    quantization: str | None = None  # bitsandbytes, bitsandbytes-8bit or bitsandbytes-4bit
+    bnb_4bit_quant_type: str | None = None  # nf4 (default) or fp4
+    bnb_4bit_compute_dtype: str = "auto"
     max_num_seqs: int = 16  # requests denoised together in one forward
     max_queue_size: int = 32  # requests waiting for a slot before new ones get UNAVAILABLE
     max_num_batched_tokens: int | None = None
@@ -73,6 +76,9 @@ class BackendSettings:
             verifier=self.verifier,
             batch_invariant=self.batch_invariant,
             max_stop_strings=self.max_stop_strings,
+            quantization=self.quantization,
+            bnb_4bit_quant_type=self.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=self.bnb_4bit_compute_dtype,
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,12 +94,18 @@ class Checkpoint:
         dtype = getattr(torch, str(name), None) if name else None
         return dtype if isinstance(dtype, torch.dtype) else None
 
-    def tensors(self, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) for every tensor, cast to dtype and placed on device, one at a time."""
+    def tensors(
+        self, device: torch.device, dtype: torch.dtype, as_stored: Callable[[str], bool] = lambda name: False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) for every tensor, cast to dtype and placed on device, one at a time;
+        those `as_stored` names (quantized layers' data) stay as stored, on the CPU."""
         for file in self.weight_files():
             with _open_safetensors(file) as handle:
                 for name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
                     tensor = handle.get_tensor(name)
+                    if as_stored(name):
+                        yield name, tensor
+                        continue
                     cast = dtype if tensor.is_floating_point() else tensor.dtype
                     yield name, tensor.to(device=device, dtype=cast)
 

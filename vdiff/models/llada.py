@@ -80,8 +80,10 @@ class LLaDAModel(nn.Module):
     def head(self, hidden: Tensor) -> Tensor:
         """(..., d_model) final hidden states -> (..., embedding_size) logits."""
         config = self.config
-        head = self.transformer["wte"] if config.weight_tying else self.transformer["ff_out"]
-        logits = F.linear(hidden, cast(Tensor, head.weight), getattr(head, "bias", None))
+        if config.weight_tying:
+            logits = F.linear(hidden, cast(Tensor, self.transformer["wte"].weight))
+        else:  # the module itself, which may be a quantized layer
+            logits = self.transformer["ff_out"](hidden)
         return logits / math.sqrt(config.d_model) if config.scale_logits else logits
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,16 @@ from torch import nn
 
 from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError
 from vdiff.models.configs import ConfigError
+from vdiff.models.quantization import (
+    Quantization,
+    QuantizationFlags,
+    checkpoint_quantization,
+    load_quantized_layers,
+    plan_quantization,
+    quantize_linear_layers,
+    quantized_module_names,
+    quantized_weight_keys,
+)
 from vdiff.models.registry import Architecture, native_architecture, supported_model_types
 
 DTYPES = {
@@ -46,17 +57,35 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "auto",
     trust_remote_code: bool = False,
+    quantization: QuantizationFlags | Quantization | None = None,
 ) -> nn.Module:
-    """Load a diffusion LM; the result follows `vdiff.models.base.DiffusionLM`."""
+    """Load a diffusion LM; the result follows `vdiff.models.base.DiffusionLM`.
+
+    A checkpoint quantized with bitsandbytes loads as such; `quantization` quantizes a plain one
+    (its linear layers, not the embeddings, norms or LM head) as it loads."""
     checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     target = select_device(device)
     torch_dtype = select_dtype(dtype, checkpoint, target)
+    where = str(checkpoint.path / CONFIG_FILE)
+    stored = checkpoint_quantization(checkpoint.config, where)
+    plan = plan_quantization(quantization, stored, target, where)
     architecture = native_architecture(checkpoint.model_type)
     if architecture is None:
+        if plan is not None:
+            native = ", ".join(supported_model_types())
+            raise ModelLoadError(f"{where}: quantization needs a native architecture ({native})")
         return _load_remote(checkpoint, target, torch_dtype, trust_remote_code)
     model = _build_on_meta(architecture, checkpoint)
-    _check_names_and_shapes(model, checkpoint, architecture)
-    _fill_weights(model, checkpoint, target, torch_dtype)
+    quantized = quantized_module_names(model, plan, architecture.head_modules) if plan else []
+    _check_names_and_shapes(model, checkpoint, architecture, plan if plan and plan.prequantized else None, quantized)
+    if plan is None:
+        _fill_weights(model, checkpoint, target, torch_dtype)
+    elif plan.prequantized:
+        _fill_prequantized(model, checkpoint, plan, quantized, target, torch_dtype)
+    else:  # the full-width weights stay on the CPU; each layer is quantized as it moves
+        _fill_weights(model, checkpoint, torch.device("cpu"), torch_dtype)
+        quantize_linear_layers(model, plan, quantized, target)
+        model.to(target)
     return model.eval().requires_grad_(False)
 
 
@@ -176,19 +205,31 @@ def _build_on_meta(architecture: Architecture, checkpoint: Checkpoint) -> nn.Mod
         raise ModelLoadError(f"{checkpoint.path / CONFIG_FILE}: {error}") from None
 
 
-def _check_names_and_shapes(model: nn.Module, checkpoint: Checkpoint, architecture: Architecture) -> None:
-    """Refuse before reading any data if a tensor is missing, unexpected or of the wrong shape."""
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+def _check_names_and_shapes(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    architecture: Architecture,
+    stored_quantization: Quantization | None = None,
+    quantized: Sequence[str] = (),
+) -> None:
+    """Refuse before reading any data if a tensor is missing, unexpected or of the wrong shape
+    (for a quantized checkpoint: the quantized layers' tensors as bitsandbytes writes them)."""
+    expected: dict[str, tuple[int, ...] | None] = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     required = {name for name, _ in model.named_parameters()}  # tied aliases appear once
+    if stored_quantization is not None:
+        for name in quantized:
+            keys = quantized_weight_keys(stored_quantization, name, expected[f"{name}.weight"])  # type: ignore[arg-type]
+            expected.update(keys)
+            required |= set(keys) - {f"{name}.weight_format"}
     stored = checkpoint.tensor_shapes()
     ignored = [re.compile(pattern) for pattern in architecture.ignored_keys]
-    problems = [f"missing tensor {name!r} (shape {list(expected[name])})" for name in sorted(required - set(stored))]
+    problems = [f"missing tensor {name!r} (shape {_listed(expected[name])})" for name in sorted(required - set(stored))]
     for name, (file, shape) in sorted(stored.items()):
         if name not in expected:
             if not any(p.search(name) for p in ignored):
                 problems.append(f"unexpected tensor {name!r} in {file.name}")
-        elif shape != expected[name]:
-            implied = list(expected[name])
+        elif expected[name] is not None and shape != expected[name]:
+            implied = _listed(expected[name])
             problems.append(
                 f"tensor {name!r} in {file.name} has shape {list(shape)}, but config.json implies {implied}"
             )
@@ -201,12 +242,44 @@ def _check_names_and_shapes(model: nn.Module, checkpoint: Checkpoint, architectu
         )
 
 
+def _listed(shape: tuple[int, ...] | None) -> str:
+    return "any" if shape is None else str(list(shape))
+
+
 def _fill_weights(model: nn.Module, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
     expected = model.state_dict().keys()
     state = {name: tensor for name, tensor in checkpoint.tensors(device, dtype) if name in expected}
     for alias, source in _tied_aliases(model).items():
         state.setdefault(alias, state[source])
     model.load_state_dict(state, strict=True, assign=True)
+
+
+def _fill_prequantized(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    plan: Quantization,
+    quantized: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """The quantized layers from their stored tensors, everything else as `_fill_weights` does."""
+    prefixes = tuple(f"{name}." for name in quantized)
+    expected = model.state_dict().keys()
+    state = {
+        name: tensor
+        for name, tensor in checkpoint.tensors(device, dtype, as_stored=lambda name: name.startswith(prefixes))
+        if name in expected or name.startswith(prefixes)
+    }
+    for name in quantized:  # the bias, if any, in the model's dtype
+        if f"{name}.bias" in state:
+            state[f"{name}.bias"] = state[f"{name}.bias"].to(dtype)
+    load_quantized_layers(model, plan, quantized, state, device)
+    for alias, source in _tied_aliases(model).items():
+        state.setdefault(alias, state[source])
+    model.load_state_dict(state, strict=False, assign=True)
+    left = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if left:
+        raise ModelLoadError(f"{checkpoint.path}: tensors not filled from the checkpoint: {left[:_MAX_LISTED]}")
 
 
 def _tied_aliases(model: nn.Module) -> dict[str, str]:

@@ -21,6 +21,7 @@ class Architecture:
     class_name: str
     config_class: str
     ignored_keys: tuple[str, ...] = ()  # regexes of checkpoint keys that hold no parameter
+    head_modules: tuple[str, ...] = ()  # the LM head's module; quantization leaves it as it is
 
     def build(self, raw_config: dict[str, Any]) -> nn.Module:
         module = importlib.import_module(self.module)
@@ -33,13 +34,16 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
     for arch in (
-        Architecture("llada", "vdiff.models.llada", "LLaDAModelLM", "LLaDAConfig"),
+        Architecture(
+            "llada", "vdiff.models.llada", "LLaDAModelLM", "LLaDAConfig", head_modules=("model.transformer.ff_out",)
+        ),
         Architecture(
             "Dream",
             "vdiff.models.dream",
             "DreamModel",
             "DreamConfig",
             ignored_keys=(r"\.rotary_emb\.inv_freq$",),
+            head_modules=("lm_head",),
         ),
     )
 }

@@ -18,8 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vdiff.assets import DEFAULT_MODEL
-from vdiff.config import DEFAULT_MAX_STOP_STRINGS
-from vdiff.models.checkpoint import resolve_model_dir
+from vdiff.config import BATCH_INVARIANT_QUANTIZED, DEFAULT_MAX_STOP_STRINGS
+from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, resolve_model_dir
+from vdiff.models.loader import select_device
+from vdiff.models.quantization import (
+    COMPUTE_DTYPES,
+    METHODS,
+    QUANT_TYPES,
+    QuantizationFlags,
+    checkpoint_quantization,
+    plan_quantization,
+)
 from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess, supervise
 from vdiff.serve.repository import render_repository
 from vdiff.serve.stack import run_stack
@@ -51,6 +60,9 @@ def model_parameters(args: argparse.Namespace) -> dict[str, str]:
         "batch_invariant": str(args.batch_invariant).lower(),
         "dtype": args.dtype,
         "device": args.device,
+        "quantization": args.quantization or "",
+        "bnb_4bit_quant_type": args.bnb_4bit_quant_type or "",
+        "bnb_4bit_compute_dtype": args.bnb_4bit_compute_dtype,
         "trust_remote_code": str(args.trust_remote_code).lower(),
         "max_num_seqs": str(args.max_num_seqs),
         "max_queue_size": str(args.max_queue_size),
@@ -63,10 +75,34 @@ def model_parameters(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
+def check_quantization(args: argparse.Namespace) -> None:
+    """The quantization flags' refusals, before Triton starts rather than as a failed model load
+    in its log: a bad combination, a device bitsandbytes cannot run on, bitsandbytes missing,
+    another method than a quantized checkpoint's."""
+    flags = QuantizationFlags.parse(args.quantization, args.bnb_4bit_quant_type, args.bnb_4bit_compute_dtype)
+    checkpoint = Checkpoint.open(args.model)
+    where = str(checkpoint.path / CONFIG_FILE)
+    stored = checkpoint_quantization(checkpoint.config, where)
+    if (flags or stored) and args.batch_invariant:
+        raise ValueError(f"--batch-invariant: {BATCH_INVARIANT_QUANTIZED}")
+    if flags or stored:
+        plan_quantization(flags, stored, select_device(args.device), where)
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     engine.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    engine.add_argument(
+        "--quantization", "-q", choices=METHODS, default=None,
+        help="bitsandbytes at load: bitsandbytes (4-bit NF4, as vLLM), bitsandbytes-8bit (LLM.int8), "
+        "bitsandbytes-4bit; a checkpoint quantized with bitsandbytes needs none",
+    )  # fmt: skip
+    engine.add_argument("--bnb-4bit-quant-type", choices=QUANT_TYPES, default=None, help="4-bit: nf4 (default) or fp4")
+    engine.add_argument(
+        "--bnb-4bit-compute-dtype", choices=tuple(COMPUTE_DTYPES), default="auto",
+        help="4-bit matrix products (auto: the model's dtype)",
+    )  # fmt: skip
     engine.add_argument("--max-num-seqs", type=int, default=16, help="requests denoised together")
     engine.add_argument("--max-queue-size", "--max-num-queued-reqs", dest="max_queue_size", type=int, default=32,
                         help="waiting requests beyond which a request is refused (503, UNAVAILABLE)")  # fmt: skip
@@ -107,6 +143,7 @@ def serve_openai(args: argparse.Namespace) -> int:
     try:
         installation = find_tritonserver()
         model_dir = str(resolve_model_dir(args.model))
+        check_quantization(args)
     except (TritonNotFoundError, ValueError) as error:
         print(f"vdiff: {error}", file=sys.stderr)
         return 2
@@ -133,7 +170,8 @@ def serve_triton(args: argparse.Namespace) -> int:
     """Triton alone, serving the repository on its HTTP/gRPC ports."""
     try:
         installation = find_tritonserver()
-    except TritonNotFoundError as error:
+        check_quantization(args)
+    except (TritonNotFoundError, ValueError) as error:
         print(f"vdiff triton: {error}", file=sys.stderr)
         return 2
     with _workdir(args.workdir) as workdir:
@@ -191,7 +229,7 @@ def openai_parser() -> argparse.ArgumentParser:
     add_engine_arguments(parser)
     add_triton_arguments(parser, "--triton-host")
     add_frontend_arguments(parser)
-    add_ignored_arguments(parser)
+    add_ignored_arguments(parser, implemented=("--quantization",))
     return parser
 
 
