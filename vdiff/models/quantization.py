@@ -194,7 +194,7 @@ def plan_quantization(
             f"{where} is already quantized ({stored.describe()}); {asked} asks for another method. "
             "Drop the flag, or load an unquantized checkpoint."
         )
-    plan = stored or (flags.quantization() if isinstance(requested, QuantizationFlags) else requested)
+    plan = stored or (requested.quantization() if isinstance(requested, QuantizationFlags) else requested)
     if plan is None:
         return None
     if device.type not in DEVICES:
