@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -50,16 +51,16 @@ def test_vllm_serve_flags_parse() -> None:
             "0.9",
             "--enable-prefix-caching",
             "--enforce-eager",
-            "--quantization",
-            "awq",
+            "-q",
+            "bitsandbytes",
         ]  # fmt: skip
     )
     assert args.model_tag == "/models/x" and args.served_model_name == ["a", "b"]
     assert args.api_key == ["k1", "k2"] and args.allowed_origins == ("https://a.example",)
-    assert args.max_queue_size == 7
+    assert args.max_queue_size == 7 and args.quantization == "bitsandbytes"
     assert ignored_flags_given(args) == [
-        "--tensor-parallel-size", "--gpu-memory-utilization", "--quantization", "--enable-prefix-caching",
-        "--enforce-eager"]  # fmt: skip
+        "--tensor-parallel-size", "--gpu-memory-utilization", "--enable-prefix-caching", "--enforce-eager"
+    ]  # fmt: skip
     every = [names[0] for names, takes_value in IGNORED_FLAGS if not takes_value]
     assert len(ignored_flags_given(openai_parser().parse_args(every))) == len(every)
 
@@ -151,3 +152,36 @@ def test_with_no_model_vdiff_serves_the_trained_demo_model() -> None:
     # through Triton, token for token what the offline engine answers, and that answer is right
     assert reply.choices[0].message.content == offline.text == ANSWER
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_quantized_vdiff_answers_as_the_quantized_offline_engine() -> None:
+    """`vdiff --quantization bitsandbytes` (vLLM's 4-bit NF4) serves the demo model quantized in
+    the denoiser: the same tokens as the offline engine quantized alike, still the right answer."""
+    question = [{"role": "user", "content": QUESTION}]
+    (offline,) = LLM(quantization="bitsandbytes").chat(question)
+    process, port, _ = start_vdiff(None, "--quantization", "bitsandbytes")
+    try:
+        wait_healthy(process, port)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
+        reply = client.chat.completions.create(model="vdiff-demo", messages=question, temperature=0)
+    finally:
+        process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert reply.choices[0].message.content == offline.text == ANSWER
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--quantization", "awq"], "argument --quantization/-q: invalid choice: 'awq'"),
+        (["-q", "bitsandbytes-8bit", "--bnb-4bit-quant-type", "fp4"], "apply to 4-bit quantization only"),
+        (["-q", "bitsandbytes", "--batch-invariant"], "--batch-invariant: batch_invariant cannot be combined"),
+        (["--bnb-4bit-compute-dtype", "float16"], "need --quantization"),
+    ],
+)
+def test_bad_quantization_flags_stop_vdiff_before_triton_starts(flags: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vdiff.serve.cli", *flags], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -10,7 +10,6 @@ which are loaded into the same layers without quantizing again.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -205,13 +204,18 @@ def plan_quantization(
 
 def bitsandbytes() -> ModuleType:
     """The bitsandbytes module, or ModelLoadError saying how to install it."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelLoadError(f"quantization needs the bitsandbytes package, which is not installed: {INSTALL_HINT}")
     for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _KnownNotices) for f in logger.filters):
             logger.addFilter(_KnownNotices())
-    return importlib.import_module("bitsandbytes")
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ModuleNotFoundError as error:
+        if error.name != "bitsandbytes":
+            raise ModelLoadError(f"bitsandbytes cannot be imported ({error}): {INSTALL_HINT}") from None
+        raise ModelLoadError(f"quantization needs the bitsandbytes package, which is not installed: {INSTALL_HINT}") from None
+    except (ImportError, OSError, RuntimeError) as error:  # a broken install or native library
+        raise ModelLoadError(f"bitsandbytes cannot be imported ({error}): {INSTALL_HINT}") from None
 
 
 def is_quantized(model: nn.Module) -> bool:
