@@ -160,14 +160,17 @@ def _attend_each(q: Tensor, k: Tensor, v: Tensor, sequences: tuple[tuple[int, in
     return out
 
 
+def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """What a canvas attends with on `device` in `dtype`: flash-attn on CUDA in half precision
+    when installed, else PyTorch's SDPA (CPU, MPS, float32, no flash-attn). Cached windows, whose
+    queries are fewer than their keys, and 4D masks always take SDPA."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    flash = device.type == "cuda" and half and flash_attn_functions() is not None
+    return "flash-attn" if flash else "sdpa"
+
+
 def _can_use_flash(q: Tensor, k: Tensor, mask: AttentionMask) -> bool:
-    return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and mask.dense is None
-        and q.shape[2] == k.shape[2]
-        and flash_attn_functions() is not None
-    )
+    return mask.dense is None and q.shape[2] == k.shape[2] and attention_backend(q.device, q.dtype) == "flash-attn"
 
 
 @functools.cache

@@ -8,6 +8,7 @@ against the config. Unknown ones run the checkpoint's own code only with trust_r
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from torch import nn
 
 from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError
 from vdiff.models.configs import ConfigError
+from vdiff.models.layers import attention_backend
 from vdiff.models.quantization import (
     Quantization,
     QuantizationFlags,
@@ -41,6 +43,7 @@ DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
+log = logging.getLogger(__name__)
 _MAX_LISTED = 8  # problems listed in one error message before "... and N more"
 # The narrowest model that auto runs in bf16 on a CPU with native bf16: below it float32 was
 # faster at one request (2-layer LLaDA, perf/results/dtype_cpu.md: 128 wide, bf16 took 1.08x
@@ -86,6 +89,11 @@ def load_model(
         _fill_weights(model, checkpoint, torch.device("cpu"), torch_dtype)
         quantize_linear_layers(model, plan, quantized, target)
         model.to(target)
+    log.info(
+        "%s: %s on %s in %s, %s attention%s", checkpoint.path.name, checkpoint.model_type, target,
+        str(torch_dtype).removeprefix("torch."), attention_backend(target, torch_dtype),
+        f", {plan.describe()} ({len(quantized)} layers)" if plan else "",
+    )  # fmt: skip
     return model.eval().requires_grad_(False)
 
 

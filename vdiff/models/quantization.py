@@ -111,8 +111,9 @@ class Quantization:
     def describe(self) -> str:
         if self.bits == 8:
             return "bitsandbytes 8-bit (LLM.int8)"
+        compute = "the model's dtype" if self.compute_dtype == "auto" else self.compute_dtype
         double = ", double quantization" if self.double_quant else ""
-        return f"bitsandbytes 4-bit {self.quant_type.upper()} (compute {self.compute_dtype}{double})"
+        return f"bitsandbytes 4-bit {self.quant_type.upper()} (computing in {compute}{double})"
 
     def flags(self) -> QuantizationFlags:
         """The flags that name this method."""
@@ -213,7 +214,8 @@ def bitsandbytes() -> ModuleType:
     except ModuleNotFoundError as error:
         if error.name != "bitsandbytes":
             raise ModelLoadError(f"bitsandbytes cannot be imported ({error}): {INSTALL_HINT}") from None
-        raise ModelLoadError(f"quantization needs the bitsandbytes package, which is not installed: {INSTALL_HINT}") from None
+        missing = "quantization needs the bitsandbytes package, which is not installed"
+        raise ModelLoadError(f"{missing}: {INSTALL_HINT}") from None
     except (ImportError, OSError, RuntimeError) as error:  # a broken install or native library
         raise ModelLoadError(f"bitsandbytes cannot be imported ({error}): {INSTALL_HINT}") from None
 
