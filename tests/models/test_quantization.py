@@ -16,10 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from apd_oracle import apd_reference
+from fast_dllm_oracles import fast_dllm_cached_reference
 from safetensors import safe_open
 from torch import nn
 
 from conftest import copy_model, edit_json, write_tiny
+from oracles import llada_reference
 from reference_code import REFERENCE, with_reference_code
 from vdiff import LLM, EngineConfig, SamplingParams
 from vdiff.models import ModelLoadError, load_model
@@ -38,6 +41,7 @@ FLAGS = {
     "nf4": QuantizationFlags("bitsandbytes"),  # vLLM's meaning: 4-bit NF4
     "fp4": QuantizationFlags("bitsandbytes-4bit", "fp4"),
 }
+PROMPT = [17, 42, 99, 7, 256, 31, 5]
 MAX_RELATIVE_ERROR = {"8bit": 0.04, "nf4": 0.17, "fp4": 0.23}
 LAYER_CLASS = {"8bit": "Linear8bitLt", "nf4": "Linear4bit", "fp4": "Linear4bit"}
 
@@ -283,3 +287,44 @@ def test_accuracy_floor_on_the_demo_sample() -> None:
         replies = [output.text for output in llm.chat(conversations, params)]
         accuracy = accuracy_by_family(problems, replies)
         assert accuracy["mean"] >= floor, (flags, accuracy)
+
+
+@pytest.fixture(scope="module", params=["8bit", "nf4"])
+def quantized_llm(request: pytest.FixtureRequest, tiny_llada: Path, tiny_llada_verifier: Path) -> LLM:
+    return LLM(tiny_llada, verifier=str(tiny_llada_verifier), dtype="float32", device="cpu",
+               quantization=FLAGS[request.param].method, max_num_seqs=4)  # fmt: skip
+
+
+def test_the_schedule_drives_quantized_layers_as_the_published_loop(quantized_llm: LLM) -> None:
+    """The engine's forwards (head on a few rows, gathered canvases) over bitsandbytes layers
+    equal LLaDA's published generate() run on the same quantized model, token for token."""
+    mask = quantized_llm.tokenizer.special.mask
+    expected = llada_reference(quantized_llm.model, PROMPT, mask_id=mask, steps=16, gen_length=32, block_length=8)
+    params = SamplingParams(max_tokens=32, steps=16, block_length=8, temperature=0.0, full_canvas=True)
+    assert quantized_llm.generate([PROMPT], params)[0].token_ids == expected
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_windows_over_quantized_layers_match_fast_dllm(quantized_llm: LLM, cache: str) -> None:
+    """Cached windows feed the quantized layers a few positions at a time (3D inputs of other
+    shapes); Fast-dLLM's loop on the same quantized model gives the same tokens and forwards."""
+    mask = quantized_llm.tokenizer.special.mask
+    expected, nfe = fast_dllm_cached_reference(
+        quantized_llm.model, PROMPT, mask_id=mask, gen_length=32, block_length=8, cache=cache, steps=16
+    )
+    params = SamplingParams(max_tokens=32, steps=16, block_length=8, temperature=0.0, full_canvas=True,
+                            confidence_dtype="float64", cache=cache)  # fmt: skip
+    out = quantized_llm.generate([PROMPT], params)[0]
+    assert (out.token_ids, out.nfe) == (expected, nfe)
+
+
+def test_apd_over_quantized_layers_matches_the_published_loop(quantized_llm: LLM) -> None:
+    verifier = quantized_llm.engine.verifier
+    assert verifier is not None
+    mask = quantized_llm.tokenizer.special.mask
+    expected, rounds = apd_reference(quantized_llm.model, verifier.model, PROMPT, gen_length=24, mask_id=mask,
+                                     stop_ids=set(), mixture_weight=0.7, kv_window=4)  # fmt: skip
+    params = SamplingParams(algorithm="apd", temperature=0.0, max_tokens=24, full_canvas=True,
+                            apd_mixture_weight=0.7, apd_kv_window=4)  # fmt: skip
+    out = quantized_llm.generate([PROMPT], params)[0]
+    assert (out.token_ids, out.nfe) == (expected, rounds)
