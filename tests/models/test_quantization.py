@@ -328,3 +328,14 @@ def test_apd_over_quantized_layers_matches_the_published_loop(quantized_llm: LLM
                             apd_mixture_weight=0.7, apd_kv_window=4)  # fmt: skip
     out = quantized_llm.generate([PROMPT], params)[0]
     assert (out.token_ids, out.nfe) == (expected, rounds)
+
+
+def test_skip_modules_follow_transformers_rule(tmp_path: Path) -> None:
+    """llm_int8_skip_modules names a module or one it lies inside, as transformers reads it."""
+    plan = Quantization(bits=8, skip_modules=("lm_head", "model.layers.0"))
+    assert plan.keeps("lm_head") and plan.keeps("model.layers.0.mlp.down_proj")
+    assert not plan.keeps("model.layers.10.mlp.down_proj") and not plan.keeps("model.layers.1.lm_head_x")
+    plain = write_tiny(tmp_path / "plain", "dream")
+    model = load_model(plain, device="cpu", quantization=plan)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert kinds["model.layers.0.mlp.down_proj"] == "Linear" and kinds["model.layers.1.mlp.down_proj"] == "Linear8bitLt"

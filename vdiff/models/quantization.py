@@ -120,8 +120,9 @@ class Quantization:
         return QuantizationFlags(self.method, self.quant_type if self.bits == 4 else None)
 
     def keeps(self, name: str) -> bool:
-        """Whether the module called `name` stays unquantized by this setting's skip list."""
-        return any(name == skip or name.endswith("." + skip) for skip in self.skip_modules)
+        """Whether the module called `name` stays unquantized by this setting's skip list, by
+        transformers' rule: the name itself, or a module it lies inside ("model.layers.0")."""
+        return any(name == skip or f"{skip}." in name for skip in self.skip_modules)
 
     def hf_config(self, weights_dtype: torch.dtype) -> dict[str, Any]:
         """config.json's `quantization_config`, with the keys transformers' BitsAndBytesConfig writes."""
