@@ -162,8 +162,8 @@ def _attend_each(q: Tensor, k: Tensor, v: Tensor, sequences: tuple[tuple[int, in
 
 def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
     """What a canvas attends with on `device` in `dtype`: flash-attn on CUDA in half precision
-    when installed, else PyTorch's SDPA (CPU, MPS, float32, no flash-attn). Cached windows, whose
-    queries are fewer than their keys, and 4D masks always take SDPA."""
+    when installed, else PyTorch's SDPA (CPU, MPS, float32, no flash-attn). A forward whose
+    queries are fewer than its keys (cached windows) and 4D masks take SDPA on any device."""
     half = dtype in (torch.float16, torch.bfloat16)
     flash = device.type == "cuda" and half and flash_attn_functions() is not None
     return "flash-attn" if flash else "sdpa"

@@ -237,12 +237,14 @@ def quantized_module_names(model: nn.Module, plan: Quantization, keep: Collectio
 
 
 def quantize_linear_layers(model: nn.Module, plan: Quantization, names: Collection[str], device: torch.device) -> None:
-    """Swap each named plain `nn.Linear` (weights on the CPU) for its bitsandbytes layer on
+    """Swap each named plain `nn.Linear` (weights on any device) for its bitsandbytes layer on
     `device`; quantizing happens in the move, so the device never holds the full-width weight."""
     for name in names:
         linear = cast(nn.Linear, model.get_submodule(name))
         layer = _empty_layer(linear, plan)
-        layer.weight = _quantized_weight(linear.weight.data, plan, layer).to(device)
+        # bitsandbytes quantizes int8 weights only on their way from the CPU
+        data = linear.weight.data.cpu() if plan.bits == 8 else linear.weight.data
+        layer.weight = _quantized_weight(data, plan, layer).to(device)
         _set_bias(layer, linear.bias, device)
         _replace(model, name, layer)
 
