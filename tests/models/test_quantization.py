@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -71,28 +72,26 @@ def test_quantized_forward_stays_close(tiny_model_dir: Path, method: str, dtype:
     the logits move by the format's error and no more."""
     plain = load_model(tiny_model_dir, dtype=dtype, device="cpu")
     model = load_model(tiny_model_dir, dtype=dtype, device="cpu", quantization=FLAGS[method])
-    linear_classes = {type(m).__name__ for m in blocks(model).modules() if isinstance(m, nn.Linear)}
+    linears = [m for m in blocks(model).modules() if isinstance(m, nn.Linear)]
+    linear_classes = {type(m).__name__ for m in linears}
     assert linear_classes == {LAYER_CLASS[method]}
     assert type(head(model)) is nn.Linear and torch.equal(head(model).weight, head(plain).weight)
-    assert all(type(m) in (nn.Embedding, RMSNorm) for m in model.modules() if not list(m.children())
-               and not isinstance(m, nn.Linear))  # fmt: skip
+    leaves = [m for m in model.modules() if not (list(m.children()) or isinstance(m, nn.Linear))]
+    assert all(type(m) in (nn.Embedding, RMSNorm) for m in leaves)
     with torch.inference_mode():
         error = relative_error(model(canvas()).logits, plain(canvas()).logits)
     assert 1e-4 < error < MAX_RELATIVE_ERROR[method], error
 
 
 def test_nf4_is_closer_than_fp4(tiny_llada: Path) -> None:
-    """NF4's levels are normal quantiles, which is why vLLM picks it for normally spread weights."""
+    """NF4's levels are normal quantiles, which is why vLLM picks it for normal weights."""
     plain = load_model(tiny_llada, dtype="float32", device="cpu")
     with torch.inference_mode():
         reference = plain(canvas()).logits
-        errors = {
-            method: relative_error(
-                load_model(tiny_llada, dtype="float32", device="cpu", quantization=FLAGS[method])(canvas()).logits,
-                reference,
-            )
-            for method in ("nf4", "fp4")
-        }
+        errors = {}
+        for method in ("nf4", "fp4"):
+            model = load_model(tiny_llada, dtype="float32", quantization=FLAGS[method])
+            errors[method] = relative_error(model(canvas()).logits, reference)
     assert errors["nf4"] < errors["fp4"], errors
 
 
@@ -115,7 +114,8 @@ def test_quantized_checkpoint_round_trip(tmp_path: Path, arch: str, bits: str) -
     assert config["quant_method"] == "bitsandbytes" and config[f"load_in_{bits}"] is True
     plan = Quantization(bits=int(bits[0]), double_quant=True)
     with torch.inference_mode():
-        expected = load_model(plain, dtype="bfloat16", device="cpu", quantization=plan)(canvas()).logits
+        at_load = load_model(plain, dtype="bfloat16", device="cpu", quantization=plan)
+        expected = at_load(canvas()).logits
         loaded = load_model(stored, dtype="bfloat16", device="cpu")
         assert torch.equal(loaded(canvas()).logits, expected)
         # vLLM's name for any bitsandbytes checkpoint is accepted, and changes nothing
@@ -136,7 +136,8 @@ def test_damaged_quantized_checkpoints_are_refused_before_reading(tmp_path: Path
     stored = write_tiny(tmp_path / "q", "llada", "--quantize", "4bit")
     fp4 = copy_model(stored, tmp_path / "fp4")
     config = json.loads((fp4 / "config.json").read_text())
-    edit_json(fp4 / "config.json", quantization_config={**config["quantization_config"], "bnb_4bit_quant_type": "fp4"})
+    as_fp4 = {**config["quantization_config"], "bnb_4bit_quant_type": "fp4"}
+    edit_json(fp4 / "config.json", quantization_config=as_fp4)
     with pytest.raises(ModelLoadError, match=r"missing tensor .*quant_state\.bitsandbytes__fp4"):
         load_model(fp4, device="cpu")
     eight = copy_model(stored, tmp_path / "eight")
@@ -150,15 +151,16 @@ def test_damaged_quantized_checkpoints_are_refused_before_reading(tmp_path: Path
     ("config", "message"),
     [
         ({"quant_method": "gptq", "bits": 4}, "'gptq' is not supported"),
-        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": True}, "exactly one"),
-        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "int4"),
-        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"},
-         "quant_storage"),
+        ({"load_in_4bit": True, "load_in_8bit": True}, "exactly one"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_type": "int4"}, "int4"),
+        ({"load_in_4bit": True, "bnb_4bit_quant_storage": "bfloat16"}, "quant_storage"),
+        ({"load_in_8bit": True, "llm_int8_has_fp16_weight": True}, "training layout"),
     ],
-)  # fmt: skip
-def test_unsupported_quantization_configs_are_named(config: dict[str, object], message: str) -> None:
+)
+def test_unsupported_quantization_configs_are_named(config: dict[str, Any], message: str) -> None:
+    raw = {"quant_method": "bitsandbytes", **config}
     with pytest.raises(ModelLoadError, match=message):
-        checkpoint_quantization({"quantization_config": config}, "m/config.json")
+        checkpoint_quantization({"quantization_config": raw}, "m/config.json")
 
 
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
@@ -169,8 +171,10 @@ def test_checkpoint_equals_transformers_save_pretrained(tmp_path: Path, bits: st
     from transformers import BitsAndBytesConfig, Qwen2ForCausalLM
 
     plain = write_tiny(tmp_path / "plain", "dream")
-    edit_json(plain / "config.json", remove=("auto_map",), model_type="qwen2", architectures=["Qwen2ForCausalLM"])
-    (plain / "generation_config.json").unlink()  # diffusion sampling fields transformers refuses to save
+    as_qwen2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+    edit_json(plain / "config.json", remove=("auto_map",), **as_qwen2)
+    # diffusion sampling fields, which transformers refuses to save
+    (plain / "generation_config.json").unlink()
     four = bits == "4bit"
     settings = BitsAndBytesConfig(load_in_8bit=True)  # LLM.int8 has no other setting
     if four:
@@ -180,30 +184,41 @@ def test_checkpoint_equals_transformers_save_pretrained(tmp_path: Path, bits: st
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-    hf = Qwen2ForCausalLM.from_pretrained(plain, quantization_config=settings, dtype=torch.bfloat16)
-    hf.save_pretrained(tmp_path / "hf")
-    ours = write_tiny(tmp_path / "ours", "dream", "--quantize", bits, *(["--double-quant"] if four else []))
+    theirs = Qwen2ForCausalLM.from_pretrained(
+        plain,
+        dtype=torch.bfloat16,
+        quantization_config=settings,
+    )
+    theirs.save_pretrained(tmp_path / "hf")
+    double = ["--double-quant"] if four else []
+    ours = write_tiny(tmp_path / "ours", "dream", "--quantize", bits, *double)
     assert_same_checkpoint(tmp_path / "hf", ours)
 
 
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 @pytest.mark.reference
-@pytest.mark.skipif(not REFERENCE, reason="set VDIFF_REFERENCE_CODE to the official modeling files")
-def test_llada_checkpoint_equals_official_code_quantized_by_transformers(tmp_path: Path, bits: str) -> None:
+@pytest.mark.skipif(not REFERENCE, reason="set VDIFF_REFERENCE_CODE to the official code")
+def test_llada_checkpoint_equals_official_code_quantized(tmp_path: Path, bits: str) -> None:
     """LLaDA's own modeling code (trust_remote_code) quantized and saved by transformers: the
-    same files as make_tiny_model.py --quantize (transformers keeps the output embeddings, ff_out)."""
+    same files as make_tiny_model.py --quantize (transformers keeps the head, ff_out)."""
     from transformers import AutoModel, BitsAndBytesConfig
 
-    plain = with_reference_code(write_tiny(tmp_path / "plain", "llada"), "llada", tmp_path, name="official")
+    plain = write_tiny(tmp_path / "plain", "llada")
+    plain = with_reference_code(plain, "llada", tmp_path, name="official")
     (plain / "generation_config.json").unlink()
     four = bits == "4bit"
-    settings = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+    settings = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_type="nf4",
+    )
     official = AutoModel.from_pretrained(
         str(plain), trust_remote_code=True, dtype=torch.bfloat16,
         quantization_config=settings if four else BitsAndBytesConfig(load_in_8bit=True),
     )  # fmt: skip
     official.save_pretrained(tmp_path / "hf")
-    assert_same_checkpoint(tmp_path / "hf", write_tiny(tmp_path / "ours", "llada", "--quantize", bits))
+    ours = write_tiny(tmp_path / "ours", "llada", "--quantize", bits)
+    assert_same_checkpoint(tmp_path / "hf", ours)
 
 
 def assert_same_checkpoint(theirs_dir: Path, ours_dir: Path) -> None:
@@ -226,7 +241,7 @@ def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
     [
         (("awq",), "--quantization 'awq'"),
         (("bitsandbytes-8bit", "fp4"), "--bnb-4bit-quant-type"),
-        (("bitsandbytes-8bit", None, "float16"), "--bnb-4bit-quant-type and --bnb-4bit-compute-dtype"),
+        (("bitsandbytes-8bit", None, "float16"), "--bnb-4bit-compute-dtype apply to 4-bit"),
         (("bitsandbytes", "int4"), "--bnb-4bit-quant-type 'int4'"),
         (("bitsandbytes", None, "float64"), "--bnb-4bit-compute-dtype 'float64'"),
         ((None, "fp4"), "need --quantization"),
@@ -272,13 +287,15 @@ try:
 except ModelLoadError as error:
     print(error)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert "needs the bitsandbytes package" in result.stdout and "vdiff[quant]" in result.stdout, result
+    command = [sys.executable, "-c", script]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert "needs the bitsandbytes package" in result.stdout, result
+    assert "vdiff[quant]" in result.stdout
 
 
 def test_accuracy_floor_on_the_demo_sample() -> None:
     """The trained demo model keeps its answers quantized: 3 held-out problems per family, with
-    Fast-dLLM's threshold rule (fast on the CPU); bf16 and 8-bit answer 17-18 of 18 here, NF4 too."""
+    Fast-dLLM's threshold rule (fast on the CPU); bf16, 8-bit and NF4 answer 17-18 of 18 here."""
     problems = held_out_set(3)
     conversations = [[{"role": "user", "content": p.question}] for p in problems]
     params = SamplingParams(threshold=0.9)
@@ -290,30 +307,47 @@ def test_accuracy_floor_on_the_demo_sample() -> None:
 
 
 @pytest.fixture(scope="module", params=["8bit", "nf4"])
-def quantized_llm(request: pytest.FixtureRequest, tiny_llada: Path, tiny_llada_verifier: Path) -> LLM:
-    return LLM(tiny_llada, verifier=str(tiny_llada_verifier), dtype="float32", device="cpu",
-               quantization=FLAGS[request.param].method, max_num_seqs=4)  # fmt: skip
+def quantized_llm(
+    request: pytest.FixtureRequest,
+    tiny_llada: Path,
+    tiny_llada_verifier: Path,
+) -> LLM:
+    method = FLAGS[request.param].method
+    verifier = str(tiny_llada_verifier)
+    return LLM(tiny_llada, verifier=verifier, dtype="float32", quantization=method, max_num_seqs=4)
 
 
 def test_the_schedule_drives_quantized_layers_as_the_published_loop(quantized_llm: LLM) -> None:
     """The engine's forwards (head on a few rows, gathered canvases) over bitsandbytes layers
     equal LLaDA's published generate() run on the same quantized model, token for token."""
     mask = quantized_llm.tokenizer.special.mask
-    expected = llada_reference(quantized_llm.model, PROMPT, mask_id=mask, steps=16, gen_length=32, block_length=8)
-    params = SamplingParams(max_tokens=32, steps=16, block_length=8, temperature=0.0, full_canvas=True)
+    model = quantized_llm.model
+    shape = {"steps": 16, "block_length": 8}
+    expected = llada_reference(model, PROMPT, mask_id=mask, gen_length=32, **shape)
+    params = SamplingParams(max_tokens=32, full_canvas=True, temperature=0.0, **shape)
     assert quantized_llm.generate([PROMPT], params)[0].token_ids == expected
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
-def test_cached_windows_over_quantized_layers_match_fast_dllm(quantized_llm: LLM, cache: str) -> None:
+def test_cached_windows_over_quantized_layers_match_fast_dllm(
+    quantized_llm: LLM,
+    cache: str,
+) -> None:
     """Cached windows feed the quantized layers a few positions at a time (3D inputs of other
     shapes); Fast-dLLM's loop on the same quantized model gives the same tokens and forwards."""
     mask = quantized_llm.tokenizer.special.mask
-    expected, nfe = fast_dllm_cached_reference(
-        quantized_llm.model, PROMPT, mask_id=mask, gen_length=32, block_length=8, cache=cache, steps=16
+    shape = {"gen_length": 32, "block_length": 8, "steps": 16}
+    model = quantized_llm.model
+    expected, nfe = fast_dllm_cached_reference(model, PROMPT, mask_id=mask, cache=cache, **shape)
+    params = SamplingParams(
+        max_tokens=32,
+        steps=16,
+        block_length=8,
+        full_canvas=True,
+        confidence_dtype="float64",
+        cache=cache,
+        temperature=0.0,
     )
-    params = SamplingParams(max_tokens=32, steps=16, block_length=8, temperature=0.0, full_canvas=True,
-                            confidence_dtype="float64", cache=cache)  # fmt: skip
     out = quantized_llm.generate([PROMPT], params)[0]
     assert (out.token_ids, out.nfe) == (expected, nfe)
 
@@ -322,10 +356,17 @@ def test_apd_over_quantized_layers_matches_the_published_loop(quantized_llm: LLM
     verifier = quantized_llm.engine.verifier
     assert verifier is not None
     mask = quantized_llm.tokenizer.special.mask
-    expected, rounds = apd_reference(quantized_llm.model, verifier.model, PROMPT, gen_length=24, mask_id=mask,
-                                     stop_ids=set(), mixture_weight=0.7, kv_window=4)  # fmt: skip
-    params = SamplingParams(algorithm="apd", temperature=0.0, max_tokens=24, full_canvas=True,
-                            apd_mixture_weight=0.7, apd_kv_window=4)  # fmt: skip
+    apd = {"mixture_weight": 0.7, "kv_window": 4, "stop_ids": set(), "mask_id": mask}
+    models = (quantized_llm.model, verifier.model)
+    expected, rounds = apd_reference(*models, PROMPT, gen_length=24, **apd)
+    params = SamplingParams(
+        algorithm="apd",
+        max_tokens=24,
+        full_canvas=True,
+        apd_mixture_weight=0.7,
+        apd_kv_window=4,
+        temperature=0.0,
+    )
     out = quantized_llm.generate([PROMPT], params)[0]
     assert (out.token_ids, out.nfe) == (expected, rounds)
 
@@ -334,8 +375,10 @@ def test_skip_modules_follow_transformers_rule(tmp_path: Path) -> None:
     """llm_int8_skip_modules names a module or one it lies inside, as transformers reads it."""
     plan = Quantization(bits=8, skip_modules=("lm_head", "model.layers.0"))
     assert plan.keeps("lm_head") and plan.keeps("model.layers.0.mlp.down_proj")
-    assert not plan.keeps("model.layers.10.mlp.down_proj") and not plan.keeps("model.layers.1.lm_head_x")
+    assert not plan.keeps("model.layers.10.mlp.down_proj")
+    assert not plan.keeps("model.layers.1.lm_head_x")
     plain = write_tiny(tmp_path / "plain", "dream")
     model = load_model(plain, device="cpu", quantization=plan)
-    kinds = {name: type(m).__name__ for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    assert kinds["model.layers.0.mlp.down_proj"] == "Linear" and kinds["model.layers.1.mlp.down_proj"] == "Linear8bitLt"
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["model.layers.0.mlp.down_proj"] == "Linear"
+    assert kinds["model.layers.1.mlp.down_proj"] == "Linear8bitLt"

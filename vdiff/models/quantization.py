@@ -1,4 +1,4 @@
-"""bitsandbytes quantization: a transform of the loaded plain model, and bnb checkpoints as published.
+"""bitsandbytes quantization: a transform of the loaded plain model; bnb checkpoints as published.
 
 The model files do not change. Quantizing swaps the `nn.Linear` modules of the blocks for
 bitsandbytes' layers (LLM.int8's `Linear8bitLt`, or `Linear4bit` with NF4 or FP4); embeddings,
@@ -24,12 +24,21 @@ from vdiff.models.checkpoint import ModelLoadError
 # vLLM's --quantization names: "bitsandbytes" is 4-bit NF4 applied at load (or any bnb checkpoint)
 METHODS = ("bitsandbytes", "bitsandbytes-8bit", "bitsandbytes-4bit")
 QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 DEVICES = ("cpu", "cuda")  # where bitsandbytes 0.50 runs both methods
 INSTALL_HINT = "pip install 'vdiff[quant]' (bitsandbytes 0.50)"
+FOUR_BIT_FLAGS = "--bnb-4bit-quant-type and --bnb-4bit-compute-dtype"
 # bitsandbytes logs these on every 8-bit forward and at import on bf16 CPUs: the first is how
 # LLM.int8 always computes, the second offers a kernel fetched from the Hub at run time.
-_QUIET = ("MatMul8bitLt: inputs will be cast", "Failed to load CPU gemm_4bit_forward from kernels-community")
+_QUIET = (
+    "MatMul8bitLt: inputs will be cast",
+    "Failed to load CPU gemm_4bit_forward from kernels-community",
+)
 
 
 class _KnownNotices(logging.Filter):
@@ -39,8 +48,9 @@ class _KnownNotices(logging.Filter):
 
 @dataclass(frozen=True)
 class QuantizationFlags:
-    """What the user asked for (`--quantization`, `--bnb-4bit-quant-type`, `--bnb-4bit-compute-dtype`);
-    ValueError names the flag. `quant_type` None: NF4, or whatever a quantized checkpoint holds."""
+    """What the user asked for (`--quantization`, `--bnb-4bit-quant-type`,
+    `--bnb-4bit-compute-dtype`); ValueError names the flag. `quant_type` None: NF4, or whatever
+    a quantized checkpoint holds."""
 
     method: str
     quant_type: str | None = None
@@ -48,16 +58,18 @@ class QuantizationFlags:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"--quantization {self.method!r} is not supported (use {', '.join(METHODS)})")
+            known = ", ".join(METHODS)
+            raise ValueError(f"--quantization {self.method!r} is not supported (use {known})")
         if self.quant_type is not None and self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"--bnb-4bit-quant-type {self.quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
+            known = ", ".join(QUANT_TYPES)
+            raise ValueError(f"--bnb-4bit-quant-type {self.quant_type!r} is not one of {known}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"--bnb-4bit-compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}"
-            )
+            known = ", ".join(COMPUTE_DTYPES)
+            asked = self.compute_dtype
+            raise ValueError(f"--bnb-4bit-compute-dtype {asked!r} is not one of {known}")
         four_bit_options = self.quant_type is not None or self.compute_dtype != "auto"
         if self.method == "bitsandbytes-8bit" and four_bit_options:
-            raise ValueError("--bnb-4bit-quant-type and --bnb-4bit-compute-dtype apply to 4-bit quantization only")
+            raise ValueError(f"{FOUR_BIT_FLAGS} apply to 4-bit quantization only")
 
     @classmethod
     def parse(
@@ -66,7 +78,7 @@ class QuantizationFlags:
         """The flags as given; no method and no 4-bit option means no quantization."""
         if not method:
             if quant_type or compute_dtype != "auto":
-                raise ValueError("--bnb-4bit-quant-type and --bnb-4bit-compute-dtype need --quantization")
+                raise ValueError(f"{FOUR_BIT_FLAGS} need --quantization")
             return None
         return cls(method, quant_type or None, compute_dtype or "auto")
 
@@ -74,7 +86,8 @@ class QuantizationFlags:
         """The quantization to apply to a plain checkpoint."""
         if self.method == "bitsandbytes-8bit":
             return Quantization(bits=8)
-        return Quantization(bits=4, quant_type=self.quant_type or "nf4", compute_dtype=self.compute_dtype)
+        quant_type = self.quant_type or "nf4"
+        return Quantization(bits=4, quant_type=quant_type, compute_dtype=self.compute_dtype)
 
     def accepts(self, stored: Quantization) -> bool:
         """Whether these flags describe a checkpoint already quantized as `stored`."""
@@ -100,9 +113,11 @@ class Quantization:
         if self.bits not in (4, 8):
             raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits, not {self.bits}")
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"4-bit quant type {self.quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
+            known = ", ".join(QUANT_TYPES)
+            raise ValueError(f"4-bit quant type {self.quant_type!r} is not one of {known}")
         if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"4-bit compute dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+            known = ", ".join(COMPUTE_DTYPES)
+            raise ValueError(f"4-bit compute dtype {self.compute_dtype!r} is not one of {known}")
 
     @property
     def method(self) -> str:
@@ -125,7 +140,7 @@ class Quantization:
         return any(name == skip or f"{skip}." in name for skip in self.skip_modules)
 
     def hf_config(self, weights_dtype: torch.dtype) -> dict[str, Any]:
-        """config.json's `quantization_config`, with the keys transformers' BitsAndBytesConfig writes."""
+        """config.json's `quantization_config`, as transformers' BitsAndBytesConfig writes it."""
         four = self.bits == 4
         # 8-bit: BitsAndBytesConfig's default, which LLM.int8 never reads
         compute = (COMPUTE_DTYPES[self.compute_dtype] or weights_dtype) if four else torch.float32
@@ -147,21 +162,26 @@ class Quantization:
 
 
 def checkpoint_quantization(config: Mapping[str, Any], where: str) -> Quantization | None:
-    """The quantization a checkpoint's config.json declares; ModelLoadError for what vdiff cannot load."""
+    """The quantization a checkpoint's config.json declares; ModelLoadError for what vdiff
+    cannot load."""
     raw = config.get("quantization_config")
     if raw is None:
         return None
     method = raw.get("quant_method") if isinstance(raw, Mapping) else None
     if method != "bitsandbytes":
-        raise ModelLoadError(f"{where}: quantization_config {method!r} is not supported (vdiff loads bitsandbytes)")
+        unknown = f"quantization_config {method!r} is not supported"
+        raise ModelLoadError(f"{where}: {unknown} (vdiff loads bitsandbytes)")
     eight, four = bool(raw.get("load_in_8bit")), bool(raw.get("load_in_4bit"))
     if eight == four:
-        raise ModelLoadError(f"{where}: quantization_config must set exactly one of load_in_8bit and load_in_4bit")
+        both = "must set exactly one of load_in_8bit and load_in_4bit"
+        raise ModelLoadError(f"{where}: quantization_config {both}")
     storage = raw.get("bnb_4bit_quant_storage", "uint8")
     if four and storage != "uint8":
-        raise ModelLoadError(f"{where}: bnb_4bit_quant_storage {storage!r} is not supported (uint8 is)")
+        unknown = f"bnb_4bit_quant_storage {storage!r} is not supported"
+        raise ModelLoadError(f"{where}: {unknown} (uint8 is)")
     if eight and raw.get("llm_int8_has_fp16_weight"):
-        raise ModelLoadError(f"{where}: llm_int8_has_fp16_weight checkpoints (training layout) are not supported")
+        training = "llm_int8_has_fp16_weight checkpoints (a training layout)"
+        raise ModelLoadError(f"{where}: {training} are not supported")
     try:
         return Quantization(
             bits=4 if four else 8,
@@ -192,14 +212,17 @@ def plan_quantization(
         asked = f"--quantization {flags.method}"
         asked += f" --bnb-4bit-quant-type {flags.quant_type}" if flags.quant_type else ""
         raise ModelLoadError(
-            f"{where} is already quantized ({stored.describe()}); {asked} asks for another method. "
-            "Drop the flag, or load an unquantized checkpoint."
+            f"{where} is already quantized ({stored.describe()}); {asked} asks for another "
+            "method. Drop the flag, or load an unquantized checkpoint."
         )
-    plan = stored or (requested.quantization() if isinstance(requested, QuantizationFlags) else requested)
+    if isinstance(requested, QuantizationFlags):
+        requested = requested.quantization()
+    plan = stored or requested
     if plan is None:
         return None
     if device.type not in DEVICES:
-        raise ModelLoadError(f"{plan.describe()} does not run on {device.type} (bitsandbytes runs on cpu and cuda)")
+        where_not = f"does not run on {device.type}"
+        raise ModelLoadError(f"{plan.describe()} {where_not} (bitsandbytes runs on cpu and cuda)")
     bitsandbytes()
     return plan
 
@@ -214,11 +237,15 @@ def bitsandbytes() -> ModuleType:
         return importlib.import_module("bitsandbytes")
     except ModuleNotFoundError as error:
         if error.name != "bitsandbytes":
-            raise ModelLoadError(f"bitsandbytes cannot be imported ({error}): {INSTALL_HINT}") from None
+            raise _unimportable(error) from None
         missing = "quantization needs the bitsandbytes package, which is not installed"
         raise ModelLoadError(f"{missing}: {INSTALL_HINT}") from None
     except (ImportError, OSError, RuntimeError) as error:  # a broken install or native library
-        raise ModelLoadError(f"bitsandbytes cannot be imported ({error}): {INSTALL_HINT}") from None
+        raise _unimportable(error) from None
+
+
+def _unimportable(error: Exception) -> ModelLoadError:
+    return ModelLoadError(f"bitsandbytes cannot be imported ({error}): {INSTALL_HINT}")
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -226,7 +253,11 @@ def is_quantized(model: nn.Module) -> bool:
     return any(type(module).__module__.startswith("bitsandbytes.") for module in model.modules())
 
 
-def quantized_module_names(model: nn.Module, plan: Quantization, keep: Collection[str]) -> list[str]:
+def quantized_module_names(
+    model: nn.Module,
+    plan: Quantization,
+    keep: Collection[str],
+) -> list[str]:
     """Names of the `nn.Linear` modules the plan quantizes: all but `keep` (the LM head) and the
     plan's skip list."""
     return [
@@ -236,7 +267,12 @@ def quantized_module_names(model: nn.Module, plan: Quantization, keep: Collectio
     ]
 
 
-def quantize_linear_layers(model: nn.Module, plan: Quantization, names: Collection[str], device: torch.device) -> None:
+def quantize_linear_layers(
+    model: nn.Module,
+    plan: Quantization,
+    names: Collection[str],
+    device: torch.device,
+) -> None:
     """Swap each named plain `nn.Linear` (weights on any device) for its bitsandbytes layer on
     `device`; quantizing happens in the move, so the device never holds the full-width weight."""
     for name in names:
@@ -265,12 +301,15 @@ def load_quantized_layers(
         data = state.pop(f"{name}.weight")
         if plan.bits == 4:
             prefix = f"{name}.weight."
-            stats = {key[len(prefix) :]: state.pop(key) for key in [k for k in state if k.startswith(prefix)]}
-            layer.weight = bnb.nn.Params4bit.from_prequantized(data, stats, device=device, module=layer)
+            keys = [key for key in state if key.startswith(prefix)]
+            stats = {key[len(prefix) :]: state.pop(key) for key in keys}
+            weight = bnb.nn.Params4bit.from_prequantized(data, stats, device=device, module=layer)
+            layer.weight = weight
         else:
             layout = state.pop(f"{name}.weight_format", None)
             if layout is not None and int(layout) != 0:
-                raise ModelLoadError(f"{name}: 8-bit weight_format {int(layout)} is not row-major (0)")
+                not_row_major = f"8-bit weight_format {int(layout)} is not row-major (0)"
+                raise ModelLoadError(f"{name}: {not_row_major}")
             weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
             weight.SCB = state.pop(f"{name}.SCB")
             layer.weight = weight.to(device)
@@ -279,11 +318,19 @@ def load_quantized_layers(
         _replace(model, name, layer)
 
 
-def quantized_weight_keys(plan: Quantization, name: str, shape: tuple[int, int]) -> dict[str, tuple[int, ...] | None]:
+def quantized_weight_keys(
+    plan: Quantization,
+    name: str,
+    shape: tuple[int, int],
+) -> dict[str, tuple[int, ...] | None]:
     """The checkpoint keys of one quantized layer besides its bias -> their shape (None: any)."""
     out_features, in_features = shape
     if plan.bits == 8:
-        return {f"{name}.weight": shape, f"{name}.SCB": (out_features,), f"{name}.weight_format": ()}
+        return {
+            f"{name}.weight": shape,
+            f"{name}.SCB": (out_features,),
+            f"{name}.weight_format": (),
+        }
     packed = ((out_features * in_features + 1) // 2, 1)  # two 4-bit values per uint8
     stats = ("absmax", "quant_map", f"quant_state.bitsandbytes__{plan.quant_type}")
     nested = ("nested_absmax", "nested_quant_map") if plan.double_quant else ()
@@ -299,7 +346,8 @@ def linear_weight_bytes(model: nn.Module) -> int:
             total += weight.numel() * weight.element_size()
             state = getattr(weight, "quant_state", None)
             if state is not None:
-                total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values())
+                stats = state.as_dict(packed=True).values()
+                total += sum(t.numel() * t.element_size() for t in stats)
             scales = getattr(weight, "SCB", None)
             if scales is None:
                 scales = getattr(getattr(module, "state", None), "SCB", None)
@@ -314,7 +362,12 @@ def _empty_layer(linear: nn.Module, plan: Quantization) -> nn.Module:
     shape = (linear.in_features, linear.out_features)
     with torch.device("meta"):  # the weight is replaced; nothing is allocated for it
         if plan.bits == 8:
-            return bnb.nn.Linear8bitLt(*shape, bias=bias, has_fp16_weights=False, threshold=plan.threshold)
+            return bnb.nn.Linear8bitLt(
+                *shape,
+                bias=bias,
+                has_fp16_weights=False,
+                threshold=plan.threshold,
+            )
         compute = COMPUTE_DTYPES[plan.compute_dtype]
         return bnb.nn.Linear4bit(
             *shape,
@@ -329,7 +382,8 @@ def _empty_layer(linear: nn.Module, plan: Quantization) -> nn.Module:
 def _quantized_weight(data: torch.Tensor, plan: Quantization, layer: nn.Module) -> nn.Parameter:
     bnb = bitsandbytes()
     if plan.bits == 8:
-        return cast(nn.Parameter, bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False))
+        weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False)
+        return cast(nn.Parameter, weight)
     return cast(
         nn.Parameter,
         bnb.nn.Params4bit(
