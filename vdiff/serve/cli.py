@@ -80,6 +80,8 @@ def check_quantization(args: argparse.Namespace) -> None:
     in its log: a bad combination, a device bitsandbytes cannot run on, bitsandbytes missing,
     another method than a quantized checkpoint's."""
     flags = QuantizationFlags.parse(args.quantization, args.bnb_4bit_quant_type, args.bnb_4bit_compute_dtype)
+    if flags is None and not args.batch_invariant:
+        return  # the model loads in Triton, which reports its problems itself
     checkpoint = Checkpoint.open(args.model)
     where = str(checkpoint.path / CONFIG_FILE)
     stored = checkpoint_quantization(checkpoint.config, where)
