@@ -9,6 +9,7 @@ import sys
 import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -139,16 +140,8 @@ def test_vdiff_exits_non_zero_when_triton_dies(tiny_llada: Path, tmp_path: Path)
 def test_with_no_model_vdiff_serves_the_trained_demo_model() -> None:
     question = [{"role": "user", "content": QUESTION}]
     (offline,) = LLM().chat(question)  # the shipped default, in this process
-    process, port, _ = start_vdiff(None)
-    try:
-        wait_healthy(process, port)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
-        assert [m.id for m in client.models.list().data] == ["vdiff-demo"]
-        reply = client.chat.completions.create(model="vdiff-demo", messages=question, temperature=0)
-    finally:
-        process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 0, output
+    models, reply = ask_the_served_demo(question)
+    assert models == ["vdiff-demo"]
     # through Triton, token for token what the offline engine answers, and that answer is right
     assert reply.choices[0].message.content == offline.text == ANSWER
     assert reply.choices[0].finish_reason == "stop"
@@ -159,16 +152,24 @@ def test_quantized_vdiff_answers_as_the_quantized_offline_engine() -> None:
     the denoiser: the same tokens as the offline engine quantized alike, still the right answer."""
     question = [{"role": "user", "content": QUESTION}]
     (offline,) = LLM(quantization="bitsandbytes").chat(question)
-    process, port, _ = start_vdiff(None, "--quantization", "bitsandbytes")
+    _, reply = ask_the_served_demo(question, "--quantization", "bitsandbytes")
+    assert reply.choices[0].message.content == offline.text == ANSWER
+
+
+def ask_the_served_demo(question: list[dict[str, str]], *flags: str) -> tuple[list[str], Any]:
+    """`vdiff FLAGS` with no model: the served model ids and its reply at temperature 0; the
+    command then drains on SIGTERM and exits 0."""
+    process, port, _ = start_vdiff(None, *flags)
     try:
         wait_healthy(process, port)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
+        models = [m.id for m in client.models.list().data]
         reply = client.chat.completions.create(model="vdiff-demo", messages=question, temperature=0)
     finally:
         process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
-    assert reply.choices[0].message.content == offline.text == ANSWER
+    return models, reply
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+from engine_harness import run_joining
 
 from vdiff import LLM, Engine, EngineConfig, SamplingParams
 from vdiff.models import Checkpoint, load_model
@@ -35,26 +36,6 @@ def neighbours(llm: LLM) -> list[tuple[list[int], SamplingParams]]:
     return out
 
 
-def run(
-    llm: LLM | Engine, requests: list[tuple[list[int], SamplingParams]], delays: list[int] | None = None
-) -> dict[str, RequestOutput]:
-    """Run to completion, adding request i (id "r{i}") after delays[i] engine steps; final outputs by id."""
-    engine = llm.engine if isinstance(llm, LLM) else llm
-    delays = delays or [0] * len(requests)
-    finals: dict[str, RequestOutput] = {}
-    pending = sorted(range(len(requests)), key=lambda i: delays[i])
-    steps = 0
-    while pending or engine.has_unfinished():
-        while pending and delays[pending[0]] <= steps:
-            i = pending.pop(0)
-            engine.add_request(requests[i][0], requests[i][1], request_id=f"r{i}")
-        for output in engine.step():
-            if output.finished:
-                finals[output.request_id] = output
-        steps += 1
-    return finals
-
-
 TARGETS = {
     "llada": [
         SamplingParams(max_tokens=32, steps=32, block_length=8),
@@ -75,10 +56,10 @@ def test_request_alone_equals_request_among_seven_others(invariant_llm: LLM, tar
     family = "dream" if llm.engine.defaults.algorithm == "origin" else "llada"
     params = TARGETS[family][target].replace(temperature=0.0, full_canvas=True)
     prompt = [5, 77, 123, 9, 64, 200, 18, 33, 2]
-    alone = run(llm, [(prompt, params)])["r0"].token_ids
+    alone = run_joining(llm, [(prompt, params)])["r0"].token_ids
     crowd = [(prompt, params), *neighbours(llm)]
-    together = run(llm, crowd)["r0"].token_ids
-    joined_late = run(llm, crowd, delays=[3, 0, 0, 1, 2, 5, 7, 9])["r0"].token_ids
+    together = run_joining(llm, crowd)["r0"].token_ids
+    joined_late = run_joining(llm, crowd, delays=[3, 0, 0, 1, 2, 5, 7, 9])["r0"].token_ids
     assert together == alone
     assert joined_late == alone
     assert len(alone) == params.max_tokens
@@ -164,7 +145,7 @@ def test_batch_invariant_mode_gives_every_request_its_alone_tokens(invariant_llm
     size = rng.randint(1, 8)
     requests = [random_request(rng, family, i) for i in range(size)]
     delays = [0] + [rng.randrange(0, 7) for _ in range(size - 1)]
-    together = run(llm, requests, delays)
+    together = run_joining(llm, requests, delays)
     for i, (prompt, params) in enumerate(requests):
         output = together[f"r{i}"]
         alone = llm.generate([prompt], params)[0]
@@ -181,7 +162,7 @@ def test_a_model_running_its_own_code_is_batch_invariant_row_by_row(tiny_llada: 
     rng = random.Random(7)
     requests = [random_request(rng, "llada", i) for i in range(6)]
     requests = [(p, s) for p, s in requests if s.cache == "none" and s.algorithm != "apd"]  # windows need vdiff's
-    together = run(engine, requests, delays=[0, 1, 3, 0, 2, 5][: len(requests)])
+    together = run_joining(engine, requests, delays=[0, 1, 3, 0, 2, 5][: len(requests)])
     for i, (prompt, params) in enumerate(requests):
-        alone = run(engine, [(prompt, params)])["r0"]
+        alone = run_joining(engine, [(prompt, params)])["r0"]
         assert (together[f"r{i}"].token_ids, together[f"r{i}"].nfe) == (alone.token_ids, alone.nfe), params

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 import pytest
 import torch
+from engine_harness import run_joining
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -33,7 +34,6 @@ from vdiff.kv_cache import BatchKV, RequestKV, Window
 from vdiff.models import load_model
 from vdiff.models.layers import AttentionMask, attend
 from vdiff.models.quantization import QuantizationFlags
-from vdiff.outputs import RequestOutput
 
 DEVICE = "cuda"
 pytestmark = [
@@ -327,24 +327,6 @@ def cuda_engines(
     return get
 
 
-Requests = list[tuple[list[int], SamplingParams]]
-
-
-def run(llm: LLM, requests: Requests, delays: list[int]) -> dict[str, RequestOutput]:
-    """Request i (id "r{i}") joins after delays[i] engine steps; final outputs by id."""
-    engine = llm.engine
-    finals: dict[str, RequestOutput] = {}
-    pending = sorted(range(len(requests)), key=lambda i: delays[i])
-    steps = 0
-    while pending or engine.has_unfinished():
-        while pending and delays[pending[0]] <= steps:
-            i = pending.pop(0)
-            engine.add_request(requests[i][0], requests[i][1], request_id=f"r{i}")
-        finals |= {output.request_id: output for output in engine.step() if output.finished}
-        steps += 1
-    return finals
-
-
 def sampled(algorithm: str) -> SamplingParams:
     """A request drawn at temperature 0.9 (top-p 0.95): its tokens come from its generator."""
     return SamplingParams(
@@ -404,7 +386,7 @@ def test_a_seed_fixes_its_tokens_whoever_shares_the_batch_on_cuda(
         ([4, 5], params),
         (PROMPT, params),
     ]
-    together = run(llm, crowd, [0, 0, 1, 3])["r0"].token_ids
+    together = run_joining(llm, crowd, [0, 0, 1, 3])["r0"].token_ids
     assert together == alone
 
 
@@ -459,7 +441,7 @@ def test_batch_invariant_request_alone_equals_it_among_16(
     rng = random.Random(16)
     requests = [mixed_request(rng, family, i) for i in range(16)]
     delays = [0] * 12 + [1, 2, 4, 6]
-    together = run(llm, requests, delays)
+    together = run_joining(llm, requests, delays)
     for i, (prompt, params) in enumerate(requests):
         alone = llm.generate([prompt], params)[0]
         assert (together[f"r{i}"].token_ids, together[f"r{i}"].nfe) == (
