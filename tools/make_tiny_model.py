@@ -338,8 +338,7 @@ def make_tiny_model(args: argparse.Namespace) -> Path:
     config = (llada_config if family.arch == "llada" else dream_config)(args, ids, vocab)
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", generation_config(family, ids))
-    plain = random_weights(config, args.seed, getattr(torch, args.dtype))
-    save_weights(plain, out, args.shards)
+    save_weights(random_weights(config, args.seed, getattr(torch, args.dtype)), out, args.shards)
     if args.quantize:
         quantize_checkpoint(out, config, args)
     return out
@@ -349,16 +348,16 @@ def quantize_checkpoint(out: Path, config: dict[str, Any], args: argparse.Namesp
     """Rewrite the checkpoint in `out` as bitsandbytes writes it (transformers' save_pretrained of
     a model loaded with a BitsAndBytesConfig): the linear layers' quantized tensors and
     statistics beside the plain embeddings, norms and head, and config.json's quantization_config."""
-    plan = Quantization(
-        bits=8 if args.quantize == "8bit" else 4, quant_type=args.quant_type, double_quant=args.double_quant
-    )
+    bits = 8 if args.quantize == "8bit" else 4
+    plan = Quantization(bits=bits, quant_type=args.quant_type, double_quant=args.double_quant)
     model = load_model(out, dtype=args.dtype, device="cpu", quantization=plan)
     # clones: tied names share storage, which safetensors refuses
     state = {name: tensor.contiguous().clone() for name, tensor in model.state_dict().items()}
     for file in out.glob("model*.safetensors*"):
         file.unlink()
     save_weights(state, out, args.shards)
-    write_json(out / "config.json", {**config, "quantization_config": plan.hf_config(getattr(torch, args.dtype))})
+    quantization_config = plan.hf_config(getattr(torch, args.dtype))
+    write_json(out / "config.json", {**config, "quantization_config": quantization_config})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -24,9 +24,8 @@ from vdiff.models.layers import attention_backend
 from vdiff.models.quantization import (
     Quantization,
     QuantizationFlags,
-    checkpoint_quantization,
     load_quantized_layers,
-    plan_quantization,
+    plan_for_checkpoint,
     quantize_linear_layers,
     quantized_module_names,
     quantized_weight_keys,
@@ -69,18 +68,18 @@ def load_model(
     checkpoint = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     target = select_device(device)
     torch_dtype = select_dtype(dtype, checkpoint, target)
-    where = str(checkpoint.path / CONFIG_FILE)
-    stored = checkpoint_quantization(checkpoint.config, where)
-    plan = plan_quantization(quantization, stored, target, where)
+    plan = plan_for_checkpoint(checkpoint, quantization, target)
     architecture = native_architecture(checkpoint.model_type)
     if architecture is None:
         if plan is not None:
             native = ", ".join(supported_model_types())
+            where = checkpoint.path / CONFIG_FILE
             raise ModelLoadError(f"{where}: quantization needs a native architecture ({native})")
         return _load_remote(checkpoint, target, torch_dtype, trust_remote_code)
     model = _build_on_meta(architecture, checkpoint)
     quantized = quantized_module_names(model, plan, architecture.head_modules) if plan else []
-    _check_names_and_shapes(model, checkpoint, architecture, plan if plan and plan.prequantized else None, quantized)
+    stored = plan if plan and plan.prequantized else None
+    _check_names_and_shapes(model, checkpoint, architecture, stored, quantized)
     if plan is None:
         _fill_weights(model, checkpoint, target, torch_dtype)
     elif plan.prequantized:
@@ -222,11 +221,13 @@ def _check_names_and_shapes(
 ) -> None:
     """Refuse before reading any data if a tensor is missing, unexpected or of the wrong shape
     (for a quantized checkpoint: the quantized layers' tensors as bitsandbytes writes them)."""
-    expected: dict[str, tuple[int, ...] | None] = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    plain = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    expected: dict[str, tuple[int, ...] | None] = dict(plain)
     required = {name for name, _ in model.named_parameters()}  # tied aliases appear once
     if stored_quantization is not None:
         for name in quantized:
-            keys = quantized_weight_keys(stored_quantization, name, expected[f"{name}.weight"])  # type: ignore[arg-type]
+            shape = plain[f"{name}.weight"]  # (out_features, in_features)
+            keys = quantized_weight_keys(stored_quantization, name, (shape[0], shape[1]))
             expected.update(keys)
             required |= set(keys) - {f"{name}.weight_format"}
     stored = checkpoint.tensor_shapes()
@@ -272,15 +273,13 @@ def _fill_prequantized(
 ) -> None:
     """The quantized layers from their stored tensors, everything else as `_fill_weights` does."""
     prefixes = tuple(f"{name}." for name in quantized)
+
+    def quantized_data(name: str) -> bool:  # a quantized layer's weight and statistics, not its bias
+        return name.startswith(prefixes) and not name.endswith(".bias")
+
     expected = model.state_dict().keys()
-    state = {
-        name: tensor
-        for name, tensor in checkpoint.tensors(device, dtype, as_stored=lambda name: name.startswith(prefixes))
-        if name in expected or name.startswith(prefixes)
-    }
-    for name in quantized:  # the bias, if any, in the model's dtype
-        if f"{name}.bias" in state:
-            state[f"{name}.bias"] = state[f"{name}.bias"].to(dtype)
+    tensors = checkpoint.tensors(device, dtype, as_stored=quantized_data)
+    state = {name: tensor for name, tensor in tensors if name in expected or quantized_data(name)}
     load_quantized_layers(model, plan, quantized, state, device)
     for alias, source in _tied_aliases(model).items():
         state.setdefault(alias, state[source])

@@ -19,7 +19,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from vdiff.models.checkpoint import ModelLoadError
+from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, ModelLoadError
 
 # vLLM's --quantization names: "bitsandbytes" is 4-bit NF4 applied at load (or any bnb checkpoint)
 METHODS = ("bitsandbytes", "bitsandbytes-8bit", "bitsandbytes-4bit")
@@ -194,6 +194,17 @@ def checkpoint_quantization(config: Mapping[str, Any], where: str) -> Quantizati
         )
     except ValueError as error:
         raise ModelLoadError(f"{where}: quantization_config: {error}") from None
+
+
+def plan_for_checkpoint(
+    checkpoint: Checkpoint,
+    requested: QuantizationFlags | Quantization | None,
+    device: torch.device,
+) -> Quantization | None:
+    """`plan_quantization` for a checkpoint: its own quantization_config against the request."""
+    where = str(checkpoint.path / CONFIG_FILE)
+    stored = checkpoint_quantization(checkpoint.config, where)
+    return plan_quantization(requested, stored, device, where)
 
 
 def plan_quantization(

@@ -19,15 +19,14 @@ from pathlib import Path
 
 from vdiff.assets import DEFAULT_MODEL
 from vdiff.config import BATCH_INVARIANT_QUANTIZED, DEFAULT_MAX_STOP_STRINGS
-from vdiff.models.checkpoint import CONFIG_FILE, Checkpoint, resolve_model_dir
+from vdiff.models.checkpoint import Checkpoint, resolve_model_dir
 from vdiff.models.loader import select_device
 from vdiff.models.quantization import (
     COMPUTE_DTYPES,
     METHODS,
     QUANT_TYPES,
     QuantizationFlags,
-    checkpoint_quantization,
-    plan_quantization,
+    plan_for_checkpoint,
 )
 from vdiff.serve.launcher import LaunchConfig, ServerAddress, TritonProcess, supervise
 from vdiff.serve.repository import render_repository
@@ -82,13 +81,9 @@ def check_quantization(args: argparse.Namespace) -> None:
     flags = QuantizationFlags.parse(args.quantization, args.bnb_4bit_quant_type, args.bnb_4bit_compute_dtype)
     if flags is None and not args.batch_invariant:
         return  # the model loads in Triton, which reports its problems itself
-    checkpoint = Checkpoint.open(args.model)
-    where = str(checkpoint.path / CONFIG_FILE)
-    stored = checkpoint_quantization(checkpoint.config, where)
-    if (flags or stored) and args.batch_invariant:
+    plan = plan_for_checkpoint(Checkpoint.open(args.model), flags, select_device(args.device))
+    if plan is not None and args.batch_invariant:
         raise ValueError(f"--batch-invariant: {BATCH_INVARIANT_QUANTIZED}")
-    if flags or stored:
-        plan_quantization(flags, stored, select_device(args.device), where)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
