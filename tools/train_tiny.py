@@ -40,8 +40,8 @@ from vdiff.training.sft import causal_lm_loss, llada_sft_loss, sft_batch  # noqa
 
 # the hard families weighted up; the diffusion model also sees more count and reverse, whose answer
 # length it must get right (the verifier stops at EOS by itself)
-LLADA_MIX = "add=3,sub=3,sort=3,reverse=2,count=2,spell=1"
-AR_MIX = "add=3,sub=3,sort=3,reverse=1,count=1,spell=1"
+LLADA_MIX = "add=3,sub=3,sort=3,reverse=2,count=3,spell=1,help=1"
+AR_MIX = "add=3,sub=3,sort=3,reverse=1,count=1,spell=1,help=1"
 # The verifier's transformers Llama names -> this repo's LLaDA names, for the warm start.
 LLAMA_TO_LLADA = {
     "model.embed_tokens": "model.transformer.wte",
@@ -68,7 +68,7 @@ class ModelSize:
     hidden: int
     heads: int
     intermediate: int
-    max_len: int = 128  # prompts are under 50 tokens and answers 40
+    max_len: int  # positions: the chat template (23 tokens), the question, the answer
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ def _progress(name: str, done: int, total: int, started: float, loss: float | No
 
 
 def train_llada(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    size = ModelSize(args.layers, args.hidden, args.heads, args.intermediate)
+    size = ModelSize(args.layers, args.hidden, args.heads, args.intermediate, args.max_len)
     raw = ckpt.demo_llada_config(tokenizer, argparse.Namespace(**vars(size)))
     # the verifier's base, so that the warm start keeps the positions it learned (LLaDA-8B's 500000
     # would leave a 32-wide head almost no positional resolution over 90 tokens)
@@ -218,7 +218,7 @@ def train_llada(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dic
 def train_ar(args: argparse.Namespace, config: TrainConfig, tokenizer) -> dict[str, float]:  # type: ignore[no-untyped-def]
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = ModelSize(args.ar_layers, args.ar_hidden, args.ar_heads, args.ar_intermediate)
+    size = ModelSize(args.ar_layers, args.ar_hidden, args.ar_heads, args.ar_intermediate, args.max_len)
     raw = ckpt.demo_llama_config(tokenizer, argparse.Namespace(**vars(size)))
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(LlamaConfig(**raw))
@@ -284,7 +284,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--mix", default=LLADA_MIX, help="family weights, e.g. add=3,sub=3 (others 1)")
     p.add_argument("--ar-mix", default=AR_MIX)
-    p.add_argument("--answer-len", type=int, default=40, help="answers padded with EOS to this many tokens")
+    p.add_argument("--answer-len", type=int, default=72, help="answers padded with EOS to this many tokens")
+    p.add_argument("--max-len", type=int, default=160, help="both models' positions (prompt and answer)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--heads", type=int, default=4)

@@ -10,14 +10,18 @@ import pytest
 from vdiff.training.demo_task import (
     FAMILIES,
     GENERATORS,
+    HELP_ANSWER,
+    SINGLE_DIGIT,
     TrainingStream,
     accuracy_by_family,
     held_out_set,
     is_held_out,
+    is_task_question,
     parse_weights,
+    single_digit_set,
 )
 
-FORMATS = {
+FORMATS = {  # the formats as the issues state them, written out again here
     "add": r"What is (\d+) \+ (\d+)\?",
     "sub": r"What is (\d+) - (\d+)\?",
     "reverse": r"Reverse: ([a-z]+)",
@@ -34,7 +38,6 @@ def expected_answer(family: str, groups: tuple[str, ...]) -> str:
         if family == "add":
             return str(a + b)
         if family == "sub":
-            assert b <= a
             return str(a - b)
         assert a < b <= a + 9
         return " ".join(str(n) for n in range(a, b + 1))
@@ -48,7 +51,7 @@ def expected_answer(family: str, groups: tuple[str, ...]) -> str:
     return text[::-1] if family == "reverse" else " ".join(text)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FORMATS)
 def test_every_family_keeps_the_issues_format_and_ranges(family: str) -> None:
     rng = random.Random(family)
     for _ in range(500):
@@ -56,6 +59,49 @@ def test_every_family_keeps_the_issues_format_and_ranges(family: str) -> None:
         match = re.fullmatch(FORMATS[family], problem.question)
         assert match, problem.question
         assert problem.family == family and problem.answer == expected_answer(family, match.groups())
+
+
+def test_operands_are_single_digit_as_often_as_two_digit() -> None:
+    rng = random.Random(5)
+    for family in ("add", "sub"):
+        operands = [int(n) for _ in range(4000) for n in re.findall(r"\d+", GENERATORS[family](rng).question)]
+        share = sum(n <= 9 for n in operands) / len(operands)
+        assert 0.45 < share < 0.55, (family, share)
+        assert set(range(100)) <= set(operands)  # every value of both sizes occurs
+    differences = [int(GENERATORS["sub"](rng).answer) for _ in range(2000)]
+    assert min(differences) < 0 < max(differences)  # a smaller minus a larger is asked too
+
+
+def test_count_runs_are_short_and_long_and_cross_100() -> None:
+    rng = random.Random(6)
+    runs = [[int(n) for n in GENERATORS["count"](rng).answer.split()] for _ in range(4000)]
+    assert {len(run) for run in runs} == set(range(2, 11))
+    crossing = [run for run in runs if run[0] <= 99 < run[-1]]
+    assert len(crossing) / len(runs) > 0.1
+    assert [95, 96, 97, 98, 99, 100, 101, 102, 103, 104] in runs
+
+
+def test_help_questions_are_varied_and_never_a_task_question() -> None:
+    rng = random.Random(7)
+    problems = [GENERATORS["help"](rng) for _ in range(3000)]
+    questions = {p.question for p in problems}
+    assert len(questions) > 1500 and "" in questions and "Hello" in questions
+    assert {p.answer for p in problems} == {HELP_ANSWER} and len(HELP_ANSWER) <= 72
+    assert not any(is_task_question(q) for q in questions)
+    assert any("?" in q for q in questions) and any(q.isupper() for q in questions)
+    samples = [GENERATORS[f](rng).question for f in FAMILIES if f != "help" for _ in range(50)]
+    assert all(is_task_question(q) for q in samples)
+
+
+def test_single_digit_set_is_every_pair_once() -> None:
+    problems = single_digit_set()
+    sums = [p for p in problems if p.family == SINGLE_DIGIT[0]]
+    diffs = [p for p in problems if p.family == SINGLE_DIGIT[1]]
+    assert len(sums) == len(diffs) == 100 and len({p.question for p in problems}) == 200
+    assert {p.answer for p in sums} == {str(n) for n in range(19)}
+    assert {p.answer for p in diffs} == {str(n) for n in range(-9, 10)}
+    by_question = {p.question: p.answer for p in problems}
+    assert by_question["What is 2 + 2?"] == "4" and by_question["What is 3 - 7?"] == "-4"
 
 
 def test_training_never_draws_a_held_out_question() -> None:
@@ -70,7 +116,7 @@ def test_held_out_set_is_fixed_distinct_and_family_by_family() -> None:
     first, again = held_out_set(per_family=10), held_out_set(per_family=10)
     assert first == again
     assert [p.family for p in first] == [f for f in FAMILIES for _ in range(10)]
-    assert len({p.question for p in first}) == 60
+    assert len({p.question for p in first}) == 10 * len(FAMILIES)
 
 
 def test_stream_is_deterministic_for_a_seed_and_follows_the_weights() -> None:
@@ -92,4 +138,11 @@ def test_accuracy_is_exact_match_per_family_after_trimming_whitespace() -> None:
     replies = [f" {p.answer}\n" if p.family != "add" else p.answer + "0" for p in problems]
     accuracy = accuracy_by_family(problems, replies)
     assert accuracy["add"] == 0.0 and all(accuracy[f] == 1.0 for f in FAMILIES if f != "add")
-    assert accuracy["mean"] == pytest.approx(5 / 6)
+    assert accuracy["mean"] == pytest.approx(1 - 1 / len(FAMILIES))
+
+
+def test_the_single_digit_rows_are_reported_but_not_in_the_mean() -> None:
+    problems = held_out_set(per_family=1) + single_digit_set()
+    replies = [p.answer if p.family in FAMILIES else "" for p in problems]
+    accuracy = accuracy_by_family(problems, replies)
+    assert accuracy[SINGLE_DIGIT[0]] == accuracy[SINGLE_DIGIT[1]] == 0.0 and accuracy["mean"] == 1.0
