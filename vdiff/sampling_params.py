@@ -170,6 +170,10 @@ class SamplingDefaults:
     alg_temp: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    # Fast-dLLM's parallel rules as a default (generation_config keys "threshold" and "factor"):
+    # they apply to the default algorithm when a request picks neither steps nor a rule itself
+    threshold: float | None = None
+    factor: float | None = None
 
     @classmethod
     def for_model(cls, model_type: str, generation_config: Mapping[str, Any]) -> SamplingDefaults:
@@ -187,9 +191,13 @@ class SamplingDefaults:
             "alg_temp": "alg_temp",
             "top_p": "top_p",
             "top_k": "top_k",
+            "threshold": "threshold",
+            "factor": "factor",
         }
         found = {ours: generation_config[theirs] for theirs, ours in known.items() if theirs in generation_config}
         found = {key: value for key, value in found.items() if value is not None}
+        if "threshold" in found and "factor" in found:
+            raise ValueError("generation_config sets both threshold and factor; they are two rules for one choice")
         return dataclasses.replace(self, **found)
 
     def apply(self, params: SamplingParams, prompt_len: int, max_sequence_length: int) -> SamplingParams:

@@ -94,6 +94,27 @@ def test_llada_block_length_comes_from_generation_config() -> None:
     assert explicit.block_length == 8
 
 
+def test_a_parallel_rule_in_generation_config_is_the_default_pace() -> None:
+    config = {"block_length": 72, "max_new_tokens": 72, "threshold": 0.9}
+    defaults = SamplingDefaults.for_model("llada", config)
+    low_confidence = get_strategy("low_confidence")
+    default = low_confidence.resolve(defaults.apply(SamplingParams(), 10, 200), defaults)
+    assert (default.threshold, default.factor, default.steps, default.block_length) == (0.9, None, None, 72)
+    # a request that picks its own pace keeps it: the schedule, or another rule
+    schedule = low_confidence.resolve(defaults.apply(SamplingParams(steps=72), 10, 200), defaults)
+    assert (schedule.threshold, schedule.steps) == (None, 72)
+    factor = low_confidence.resolve(defaults.apply(SamplingParams(factor=1.0), 10, 200), defaults)
+    assert (factor.threshold, factor.factor) == (None, 1.0)
+    # another algorithm than the checkpoint's keeps the fixed schedule
+    random = get_strategy("random").resolve(defaults.apply(SamplingParams(), 10, 200), defaults)
+    assert (random.threshold, random.steps) == (None, 72)
+
+
+def test_generation_config_with_both_rules_is_refused() -> None:
+    with pytest.raises(ValueError, match="both threshold and factor"):
+        SamplingDefaults.for_model("llada", {"threshold": 0.9, "factor": 1.0})
+
+
 @pytest.mark.parametrize(
     ("algorithm", "fields", "message"),
     [

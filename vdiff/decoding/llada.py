@@ -82,6 +82,7 @@ class LLaDASampler(DecodingStrategy):
                 raise ValueError(f"{name} applies to Dream's algorithms, not to {self.name!r}")
         if params.cache != "none" and params.cfg_scale > 0:
             raise ValueError("cfg_scale does not combine with cache: the unconditional canvas would need its own")
+        params = self._default_rule(params, defaults)
         max_tokens = _max_tokens(params)
         block = params.block_length or min(defaults.block_length or DEFAULT_BLOCK_LENGTH, max_tokens)
         num_blocks = math.ceil(max_tokens / block)
@@ -98,6 +99,17 @@ class LLaDASampler(DecodingStrategy):
                 f"{max_tokens} in blocks of block_length {block})"
             )
         return params.replace(block_length=block, steps=steps)
+
+    def _default_rule(self, params: SamplingParams, defaults: SamplingDefaults) -> SamplingParams:
+        """The checkpoint's parallel rule, for its own algorithm, when the request chose no pace.
+
+        A request that sets steps asks for the fixed schedule, one that sets threshold or factor
+        for its own rule; either way the default rule stays out.
+        """
+        chose_pace = params.steps is not None or is_parallel(params)
+        if chose_pace or self.name != defaults.algorithm:
+            return params
+        return params.replace(threshold=defaults.threshold, factor=defaults.factor)
 
     def gen_length(self, params: SamplingParams) -> int:
         block = params.block_length
