@@ -236,20 +236,45 @@ def triton_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
+def triton_env_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdiff triton-env",
+        description="print a bare tritonserver's setup",
+    )
+    parser.add_argument(
+        "dir",
+        type=Path,
+        help="where to assemble backends/ (the Python backend and its stub)",
+    )
+    return parser
+
+
+def build_parser(command: str = "serve") -> argparse.ArgumentParser:
+    """A `vdiff` command's parser (`serve`, `triton`, `triton-env`); parsing starts nothing."""
     if command == "triton-env":
-        env_parser = argparse.ArgumentParser(prog="vdiff triton-env", description="print a bare tritonserver's setup")
-        env_parser.add_argument("dir", type=Path, help="where to assemble backends/ (the Python backend and its stub)")
-        return triton_env(env_parser.parse_args(argv))
-    ours, triton_args = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+        return triton_env_parser()
     if command == "triton":
-        args = triton_parser().parse_args(ours)
-        args.triton_args = triton_args
-        return serve_triton(args)
-    args = openai_parser().parse_args(ours)
+        return triton_parser()
+    return openai_parser()
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str], list[str]]:
+    """`vdiff`'s arguments as (command, the command's own arguments, tritonserver's after `--`)."""
+    argv = list(argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "serve"
+    if command == "triton-env" or "--" not in argv:
+        return command, argv, []
+    return command, argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def main(argv: list[str] | None = None) -> int:
+    command, ours, triton_args = split_command(sys.argv[1:] if argv is None else argv)
+    args = build_parser(command).parse_args(ours)
+    if command == "triton-env":
+        return triton_env(args)
     args.triton_args = triton_args
+    if command == "triton":
+        return serve_triton(args)
     return serve_openai(args)
 
 
