@@ -23,6 +23,8 @@ GENERATION_CONFIG_KEYS = {
     "alg_temp": "alg_temp",
     "cfg_scale": "cfg_scale",
     "max_new_tokens": "max_tokens",
+    "threshold": "threshold",  # Fast-dLLM's rules, as the default pace of the default algorithm
+    "factor": "factor",
 }
 
 

@@ -123,18 +123,37 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int) -
         )
 
 
+PACE = ("steps", "threshold", "factor")  # how many tokens a step commits: one choice, three ways
+
+
+def defaults_for(request: SamplingFields, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The generation config's defaults that apply to this request, as the engine applies its own:
+    a request that picks its pace (or APD, or another algorithm than the file's) keeps it, and a
+    default parallel rule replaces the file's step count."""
+    values = dict(defaults)
+    chose_pace = any(getattr(request, name) is not None for name in PACE)
+    other_algorithm = request.algorithm is not None and request.algorithm != values.get("algorithm")
+    if chose_pace or request.algorithm == "apd":
+        for name in PACE:
+            values.pop(name, None)
+    elif other_algorithm:
+        values.pop("threshold", None)
+        values.pop("factor", None)
+    elif "threshold" in values or "factor" in values:
+        values.pop("steps", None)
+    if request.algorithm == "apd":
+        for name in ("block_length", "alg_temp", "cfg_scale"):  # nor blocks, Dream's or guidance's knobs
+            values.pop(name, None)
+    return values
+
+
 def ensemble_values(
     request: SamplingFields, prompt_ids: list[int], max_tokens: int | None, sample: int, config: ProxyConfig
 ) -> dict[str, Any]:
     """The ensemble inputs for choice `sample` of this prompt; unset fields are left to the model."""
     values: dict[str, Any] = {"input_ids": prompt_ids, "stream": True, "exclude_input_in_output": True}
     if config.sends_defaults():
-        values |= config.sampling_defaults
-        if request.threshold is not None or request.factor is not None or request.algorithm == "apd":
-            values.pop("steps", None)  # a fixed schedule's step count does not apply to the parallel rules
-        if request.algorithm == "apd":
-            for name in ("block_length", "alg_temp", "cfg_scale"):  # nor blocks, Dream's or guidance's knobs
-                values.pop(name, None)
+        values |= defaults_for(request, config.sampling_defaults)
     chosen = {
         "max_tokens": max_tokens,
         "temperature": request.temperature,
