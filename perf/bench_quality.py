@@ -401,7 +401,10 @@ def run(args: argparse.Namespace) -> list[Row]:
     problems = problems_for(args)
     questions = [p.question for p in problems]
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=1, verifier=args.verifier)
-    configs = [*schedule_configs(llm.engine.defaults.max_tokens), *args.configs]
+    defaults = llm.engine.defaults
+    configs = [*schedule_configs(defaults.max_tokens), *args.configs]
+    if defaults.threshold is None and defaults.factor is None and defaults.steps in (None, defaults.max_tokens):
+        configs = [c for c in configs if c[0] != "default"]  # the checkpoint's default is 1/step itself
     rows = []
     for name, params in configs:
         answers = timed(diffusion_answerer(llm, SamplingParams(**params)), questions)
