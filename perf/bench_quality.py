@@ -2,7 +2,7 @@
 
     python perf/bench_quality.py [--model vdiff-demo] [--verifier vdiff-demo-ar] [--per-family 50]
         [--configs "default:" "t9:threshold=0.9" ...] [--no-serving] [--no-single-digit]
-        [--apply-to MODEL_DIR] [--device cpu] [--out PATH]
+        [--exclude NAME ...] [--apply-to MODEL_DIR] [--device cpu] [--out PATH]
 
 Every configuration answers the same fixed held-out sample (vdiff/training/demo_task.py, never
 trained on) one request at a time through the offline engine, so latency is a single request's
@@ -402,7 +402,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     questions = [p.question for p in problems]
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=1, verifier=args.verifier)
     defaults = llm.engine.defaults
-    configs = [*schedule_configs(defaults.max_tokens), *args.configs]
+    configs = [c for c in (*schedule_configs(defaults.max_tokens), *args.configs) if c[0] not in args.exclude]
     if defaults.threshold is None and defaults.factor is None and defaults.steps in (None, defaults.max_tokens):
         configs = [c for c in configs if c[0] != "default"]  # the checkpoint's default is 1/step itself
     rows = []
@@ -445,6 +445,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="vdiff-demo")
     p.add_argument("--verifier", default=None, help="an autoregressive model to time alone, e.g. vdiff-demo-ar")
     p.add_argument("--configs", nargs="+", type=parse_config, default=[parse_config(c) for c in DEFAULT_CONFIGS])
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NAME", help="configurations to leave out")
     p.add_argument("--per-family", type=int, default=50, help="held-out problems per family")
     p.add_argument("--no-single-digit", dest="single_digit", action="store_false",
                    help="leave out the rows of all 100 single-digit sums and differences")  # fmt: skip
