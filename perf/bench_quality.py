@@ -89,9 +89,8 @@ DEFAULT_CONFIGS = (
     "apd-R0.9-W4-M8:algorithm=apd,apd_mixture_weight=0.9,apd_kv_window=4,apd_max_lookahead=8",
 )
 BASELINE = "1/step"  # one token per step: the accuracy the fast settings are held to
-# SamplingParams fields a generation_config.json can carry (SamplingDefaults reads them)
-GENERATION_CONFIG_KEYS = {"steps": "steps", "block_length": "block_length", "threshold": "threshold",
-                          "factor": "factor"}  # fmt: skip
+# the pace fields a generation_config.json can carry, under the same names (SamplingDefaults)
+GENERATION_CONFIG_FIELDS = ("steps", "block_length", "threshold", "factor")
 SERVING_CONCURRENCY = 16  # requests in flight for the serving table (the engine's max_num_seqs)
 
 
@@ -236,20 +235,23 @@ def schedule_configs(max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
 
 def recommended(rows: list[Row]) -> Row | None:
     """The fastest setting a generation_config.json can carry within 1 point of one token per step."""
-    baseline = next(r for r in rows if r.name == BASELINE)
-    keys = set(GENERATION_CONFIG_KEYS)
-    expressible = [r for r in rows if r.params and set(r.params) <= keys]
-    return fastest_close_to(expressible, baseline.accuracy["mean"] - 0.01)
+    expressible = [r for r in rows if r.params and set(r.params) <= set(GENERATION_CONFIG_FIELDS)]
+    return fastest_close_to(expressible, baseline_floor(rows))
+
+
+def baseline_floor(rows: list[Row]) -> float:
+    """1 point below one token per step's mean accuracy: what a faster setting must keep."""
+    return next(r for r in rows if r.name == BASELINE).accuracy["mean"] - 0.01
 
 
 def apply_to(model_dir: Path, row: Row) -> dict[str, Any]:
     """Make `row` the checkpoint's default: its fields replace the pace keys of generation_config.json."""
     path = model_dir / "generation_config.json"
     config = json.loads(path.read_text())
-    for key in GENERATION_CONFIG_KEYS.values():
+    for key in GENERATION_CONFIG_FIELDS:
         config.pop(key, None)
     assert row.params is not None
-    config.update({GENERATION_CONFIG_KEYS[k]: v for k, v in row.params.items()})
+    config.update(row.params)
     path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n")
     return config
 
@@ -423,7 +425,7 @@ def run_serving(args: argparse.Namespace, rows: list[Row]) -> list[ServingRow]:
     problems = problems_for(args)
     diffusion = [r for r in rows if r.params is not None]
     baseline = next(r for r in diffusion if r.name == BASELINE)
-    floor = baseline.accuracy["mean"] - 0.01
+    floor = baseline_floor(diffusion)
     default = next((r for r in diffusion if r.name == "default"), baseline)
     chosen = [baseline, default, fastest_close_to(diffusion, floor) or baseline]
     rules = [r for r in diffusion if r.params and ("threshold" in r.params or "factor" in r.params)]
@@ -462,10 +464,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def figure_title(model: str, machine: str) -> str:
+    return f"{model}: accuracy against speed ({machine})"
+
+
 def replot(report_path: Path) -> None:
     report = json.loads(report_path.read_text())
     rows = [Row(**row) for row in report["rows"]]
-    plot(rows, f"{report['model']}: accuracy against speed ({report['machine']})", report_path.with_suffix(".png"))
+    plot(rows, figure_title(report["model"], report["machine"]), report_path.with_suffix(".png"))
     print(f"wrote {report_path.with_suffix('.png')}")
 
 
@@ -495,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
               "recommended": None if best is None else {"name": best.name, "params": best.params},
               "serving": serving}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, f"{args.model}: accuracy against speed ({machine})", out.with_suffix(".png"))
+    plot(rows, figure_title(args.model, machine), out.with_suffix(".png"))
     print(f"wrote {out}.json, .md and .png")
     if args.apply_to is not None and best is not None:
         print(f"{args.apply_to}/generation_config.json: {apply_to(args.apply_to, best)}")

@@ -132,7 +132,8 @@ def defaults_for(request: SamplingFields, defaults: dict[str, Any]) -> dict[str,
     default parallel rule replaces the file's step count."""
     values = dict(defaults)
     chose_pace = any(getattr(request, name) is not None for name in PACE)
-    other_algorithm = request.algorithm is not None and request.algorithm != values.get("algorithm")
+    # a file without "alg" leaves the family's algorithm, which the file's rule belongs to
+    other_algorithm = request.algorithm not in (None, values.get("algorithm", request.algorithm))
     if chose_pace or request.algorithm == "apd":
         for name in PACE:
             values.pop(name, None)

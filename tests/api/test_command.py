@@ -155,7 +155,8 @@ def test_with_no_model_vdiff_serves_the_trained_demo_model_fast() -> None:
     the help sentence), token for token as offline, at the checkpoint's fast default: a few
     forwards per answer where one token per step takes one per canvas position."""
     questions = [QUESTION, *FIRST_QUESTIONS]
-    offline = [out.text for out in LLM().chat([[{"role": "user", "content": q}] for q in questions])]
+    llm = LLM()  # the shipped default, in this process
+    offline = [out.text for out in llm.chat([[{"role": "user", "content": q}] for q in questions])]
     models, replies, metrics = ask_the_served_demo(questions)
     assert models == ["vdiff-demo"]
     assert [r.choices[0].message.content for r in replies] == offline == [ANSWER, *FIRST_QUESTIONS.values()]
@@ -163,7 +164,7 @@ def test_with_no_model_vdiff_serves_the_trained_demo_model_fast() -> None:
     expected = ["length" if r.choices[0].message.content == HELP_ANSWER else "stop" for r in replies]
     assert [r.choices[0].finish_reason for r in replies] == expected
     nfe = {name: metric_value(metrics, f"vdiff:request_nfe_{name}") for name in ("sum", "count")}
-    canvas = LLM().engine.defaults.max_tokens
+    canvas = llm.engine.defaults.max_tokens
     assert nfe["count"] == len(questions) and nfe["sum"] / nfe["count"] < canvas / 4, nfe
 
 

@@ -38,3 +38,8 @@ def test_a_file_without_a_rule_keeps_its_steps() -> None:
     schedule = {"algorithm": "low_confidence", "steps": 40}
     assert defaults_for(request(), schedule) == schedule
     assert defaults_for(request(threshold=0.95), schedule) == {"algorithm": "low_confidence"}
+
+
+def test_a_file_without_alg_keeps_its_rule_for_the_familys_algorithm_named_explicitly() -> None:
+    rule = {"threshold": 0.9, "max_tokens": 72}
+    assert defaults_for(request(algorithm="low_confidence"), rule) == rule

@@ -106,8 +106,9 @@ class LLaDASampler(DecodingStrategy):
         A request that sets steps asks for the fixed schedule, one that sets threshold or factor
         for its own rule; either way the default rule stays out.
         """
+        no_rule = defaults.threshold is None and defaults.factor is None
         chose_pace = params.steps is not None or is_parallel(params)
-        if chose_pace or self.name != defaults.algorithm:
+        if no_rule or chose_pace or self.name != defaults.algorithm:
             return params
         return params.replace(threshold=defaults.threshold, factor=defaults.factor)
 

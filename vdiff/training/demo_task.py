@@ -31,7 +31,7 @@ import random
 import re
 import string
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FAMILIES = ("add", "sub", "reverse", "sort", "count", "spell", "help")
 SINGLE_DIGIT = ("add 0-9", "sub 0-9")  # the rows of `single_digit_set`
@@ -230,9 +230,8 @@ def held_out_set(per_family: int, seed: int = EVAL_SEED) -> list[Problem]:
 def single_digit_set() -> list[Problem]:
     """All 100 sums and all 100 differences of two single digits, as rows "add 0-9", "sub 0-9"."""
     pairs = [(a, b) for a in range(10) for b in range(10)]
-    sums = [Problem(SINGLE_DIGIT[0], p.question, p.answer) for p in (add_problem(*ab) for ab in pairs)]
-    diffs = [Problem(SINGLE_DIGIT[1], p.question, p.answer) for p in (sub_problem(*ab) for ab in pairs)]
-    return sums + diffs
+    sums = [replace(add_problem(a, b), family=SINGLE_DIGIT[0]) for a, b in pairs]
+    return sums + [replace(sub_problem(a, b), family=SINGLE_DIGIT[1]) for a, b in pairs]
 
 
 def accuracy_by_family(problems: Sequence[Problem], replies: Sequence[str]) -> dict[str, float]:
