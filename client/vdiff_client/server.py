@@ -200,8 +200,14 @@ def build_app(
         healthy = not drain.draining and await health_check.healthy()
         return Response(status_code=200 if healthy else 503)
 
+    async def ping() -> Response:
+        """Liveness: 200 while the denoiser answers the watch's pings, draining or not (a drain
+        must never be cut short by a restart), 503 before its first answer and after a missed one."""
+        alive = watch.armed and watch.failure is None
+        return Response(status_code=200 if alive else 503)
+
     app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/ping", health, methods=["GET", "POST"])
+    app.add_api_route("/ping", ping, methods=["GET", "POST"])
 
     @app.get("/version")
     async def version() -> dict[str, str]:

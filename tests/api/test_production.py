@@ -108,10 +108,14 @@ async def stream_to_the_end(http: httpx.AsyncClient, url: str, body: dict[str, A
     return events
 
 
-def drain_while_streaming(proxy: Proxy, body: dict[str, Any], streams: int) -> tuple[list[Any], httpx.Response, int]:
-    """Start `streams` streams, drain once each has sent an event; (their events, a new request, /health)."""
+Probes = dict[str, int]  # path -> status during the drain
 
-    async def run() -> tuple[list[Any], httpx.Response, int]:
+
+def drain_while_streaming(proxy: Proxy, body: dict[str, Any], streams: int) -> tuple[list[Any], httpx.Response, Probes]:
+    """Start `streams` streams, drain once each has sent an event; (their events, a new request,
+    /health and /ping during the drain)."""
+
+    async def run() -> tuple[list[Any], httpx.Response, Probes]:
         async with httpx.AsyncClient(timeout=120) as http:
             firsts = [asyncio.Event() for _ in range(streams)]
             tasks = [
@@ -121,8 +125,8 @@ def drain_while_streaming(proxy: Proxy, body: dict[str, Any], streams: int) -> t
             proxy.drain.begin_threadsafe()
             await asyncio.sleep(0.2)
             refused = await http.post(f"{proxy.v1}/completions", json=SHORT)
-            health = (await http.get(f"{proxy.url}/health")).status_code
-            return list(await asyncio.gather(*tasks)), refused, health
+            probes = {path: (await http.get(f"{proxy.url}{path}")).status_code for path in ("/health", "/ping")}
+            return list(await asyncio.gather(*tasks)), refused, probes
 
     return asyncio.run(run())
 
@@ -131,10 +135,10 @@ def test_drain_lets_streams_in_flight_finish_and_refuses_new_work(triton_server:
     config = proxy_config(tiny_llada, triton_server.grpc, None, shutdown_timeout_s=60)
     body = LONG | {"max_tokens": 96, "stream_options": {"include_usage": True}}
     with running_proxy(config) as proxy:
-        streams, refused, health = drain_while_streaming(proxy, body, streams=4)
+        streams, refused, probes = drain_while_streaming(proxy, body, streams=4)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert "shutting down" in refused.json()["error"]["message"]
-        assert health == 503
+        assert probes == {"/health": 503, "/ping": 200}  # out of the pool, but alive: no restart
         for events in streams:
             assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
             assert events[-2]["usage"]["completion_tokens"] == 96  # every token arrived
