@@ -206,7 +206,7 @@ def dockerfile_port(name: str) -> tuple[int, int]:
 
 def test_the_images_the_cli_and_the_manifests_agree_on_the_port() -> None:
     default = build_parser("serve").parse_args([]).port
-    assert dockerfile_port("Dockerfile.triton") == (default, default)
+    assert dockerfile_port("Dockerfile.triton") == dockerfile_port("Dockerfile") == (default, default)
     for overlay in OVERLAYS:
         objects = rendered(overlay)
         service = next(o for o in objects if o["kind"] == "Service")
