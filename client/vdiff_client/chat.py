@@ -115,7 +115,10 @@ class ChatServing(Serving):
         echo = self.echo_text(request, role)
         choices = [
             ChatChoice(
-                index=i, message=AssistantMessage(role=role, content=echo + r.text), finish_reason=r.finish_reason
+                index=i,
+                message=AssistantMessage(role=role, content=echo + r.text),
+                finish_reason=r.finish_reason,
+                stop_reason=r.stop_reason,
             )
             for i, r in enumerate(results)
         ]
@@ -154,7 +157,7 @@ class ChatServing(Serving):
             counts.add(index, delta)
             choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text))
             if delta.finish_reason is not None:
-                choice.finish_reason = delta.finish_reason
+                choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
             elif not delta.text:
                 continue  # nothing to say yet
             yield chunk(choice, index)

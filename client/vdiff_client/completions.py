@@ -87,6 +87,7 @@ class CompletionServing(Serving):
                 index=i,
                 text=(prompts[i // request.n].text if request.echo else "") + result.text,
                 finish_reason=result.finish_reason,
+                stop_reason=result.stop_reason,
             )
             for i, result in enumerate(results)
         ]
@@ -114,7 +115,11 @@ class CompletionServing(Serving):
                 id=request_id,
                 created=created,
                 model=self.config.model_name,
-                choices=[CompletionStreamChoice(index=index, text=text, finish_reason=delta.finish_reason)],
+                choices=[
+                    CompletionStreamChoice(
+                        index=index, text=text, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason
+                    )
+                ],
                 usage=counts.continuous(index),
             )
             yield chunk.model_dump_json()

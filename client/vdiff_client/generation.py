@@ -49,6 +49,7 @@ class ChoiceResult:
     parts: list[str] = field(default_factory=list)
     completion_tokens: int = 0
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
     @property
     def text(self) -> str:
@@ -58,7 +59,7 @@ class ChoiceResult:
         self.parts.append(delta.text)
         self.completion_tokens += delta.new_tokens
         if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
 
 
 class Generation:

@@ -192,9 +192,11 @@ class RequestTracker:
         m.finished(delta.finish_reason or "stop")
 
     def on_error(self, error: TritonRequestError) -> None:
-        """A refusal (503) before any response is a rejection, counted by its reason."""
+        """A refusal (503) before any response is a rejection, counted by its reason, and only
+        there: the choices never ran, so none of them finishes, aborted or otherwise (as in vLLM)."""
         if error.reason is not None and not self.responded:
             self.metrics.rejected(error.reason)
+            self.tokens.clear()
 
     def on_abort(self) -> None:
         """The choices that never finished (client gone, error) end as aborted."""

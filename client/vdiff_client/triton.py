@@ -19,6 +19,7 @@ messages with an error code (vdiff_client/codes.py); the code decides the HTTP s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -93,6 +94,7 @@ class Delta:
     nfe: int  # the request's denoising steps so far
     finish_reason: str | None  # set on the last response
     queue_time: float | None = None  # seconds the engine kept it waiting; None until it ran
+    stop_reason: int | str | None = None  # on the last response: the stop token id or string
 
 
 class TritonBackend:
@@ -213,6 +215,8 @@ def _delta(result: Any) -> Delta:
 
     finish = one("finish_reason").decode("utf-8")
     queue_time = float(one("queue_time"))
+    stop = result.as_numpy("stop_reason")  # None from a model without it (a custom ensemble)
+    stop_json = stop.reshape(-1)[0].decode("utf-8") if stop is not None else ""
     return Delta(
         text=one("text_output").decode("utf-8"),
         prompt_tokens=int(one("num_input_tokens")),
@@ -220,4 +224,5 @@ def _delta(result: Any) -> Delta:
         nfe=int(one("step_index")),
         finish_reason=finish or None,
         queue_time=queue_time if queue_time >= 0 else None,
+        stop_reason=json.loads(stop_json) if stop_json else None,
     )

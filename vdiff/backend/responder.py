@@ -39,6 +39,9 @@ class Update:
     step_index: int  # the request's forward evaluations so far
     queue_time: float  # seconds from arrival to the first denoising step; -1: it never ran
     finish_reason: str  # "" until the last response: stop, length or abort
+    # "" until the last response, then vLLM's stop_reason as JSON: null (EOS, length, abort), the
+    # stop token id, or the stop string that ended it
+    stop_reason: str = ""
 
 
 class Sink(Protocol):

@@ -12,6 +12,7 @@ thread never fills (Triton's own max_queue_size cannot act).
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -306,6 +307,7 @@ class DenoiseService:
             step_index=output.nfe,
             queue_time=-1.0 if output.queue_time is None else output.queue_time,
             finish_reason=output.finish_reason or "",
+            stop_reason=json.dumps(output.stop_reason) if output.finished else "",
         )
         stream.sent_chars, stream.sent_tokens = len(output.text), len(output.token_ids)
         return update

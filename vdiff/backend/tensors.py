@@ -33,14 +33,16 @@ def denoiser_outputs(update: Update) -> dict[str, np.ndarray]:
         "step_index": _int(update.step_index),
         "queue_time": np.array([[update.queue_time]], dtype=np.float32),
         "finish_reason": _text(update.finish_reason),
+        "stop_reason": _text(update.stop_reason),
         "request_key": _text(update.key),
     }
 
 
 # what the detokenizer passes on: the denoiser decodes its text incrementally as it settles
 PASSED_ON = frozenset(
-    ("text_output", "num_input_tokens", "num_output_tokens", "step_index", "queue_time", "finish_reason")
-)
+    ("text_output", "num_input_tokens", "num_output_tokens", "step_index", "queue_time", "finish_reason",
+     "stop_reason")
+)  # fmt: skip
 
 
 def request_key(key: np.ndarray) -> str:

@@ -4,7 +4,7 @@ The HTTP port is bound first (as vLLM does), so `/health` answers 503 while the 
 200 once Triton's ensemble is ready; the URL is printed then. On SIGTERM or SIGINT the OpenAI
 server stops accepting and lets requests in flight finish (up to the shutdown timeout), then
 Triton drains and stops; the exit code is 0. If tritonserver dies, the OpenAI server is stopped
-and the exit code is non-zero, with Triton's last lines. If the denoiser's stub dies or stops
+and the exit code is `BACKEND_FAILED_EXIT` (1), with Triton's last lines. If the denoiser's stub dies or stops
 answering while tritonserver lives on (it then still reports the model ready), the app's
 `BackendWatch` ends the requests in flight with 503 and the stack exits non-zero too, within
 `BACKEND_EXIT_WITHIN_S`, so that a supervisor restarts the whole service.
@@ -22,6 +22,10 @@ from vdiff_client.calls import ABORT_GRACE_S
 from vdiff_client.cli import ProxyServer, stop_on_signals
 from vdiff_client.health import DEAD_WITHIN_S
 
+# The one exit status of `vdiff` whenever its backend failed (tritonserver died, or the denoiser's
+# stub died or stopped answering), whatever tritonserver's own status was (247 after a SIGKILL):
+# a supervisor restarts on it; 0 is a clean drain.
+BACKEND_FAILED_EXIT = 1
 KILL_GRACE_S = 15  # past Triton's own exit timeout
 DEAD_BACKEND_STOP_S = 5  # a tritonserver whose stub died waits on it forever: SIGTERM, then kill
 # the documented bound: noticing; the drain (a grace for the ended calls' last events, then
@@ -93,11 +97,11 @@ def run_stack(triton: TritonProcess, server: ProxyServer, url: str, out: TextIO 
     if death.reason is not None:
         out.write(f"\ntritonserver's last lines (full log: {triton.log_path}):\n")
         out.write(triton.last_lines() + "\n")
-        return 1
+        return BACKEND_FAILED_EXIT
     if watch.died or code not in (0, None):
         out.write(f"\ntritonserver exited with code {code}; its last lines (full log: {triton.log_path}):\n")
         out.write(triton.last_lines() + "\n")
-        return code or 1
+        return BACKEND_FAILED_EXIT
     return 0
 
 
