@@ -118,6 +118,35 @@ def test_stop_strings_and_echo(client: openai.OpenAI, served_llm: LLM) -> None:
     assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
 
 
+def test_stop_reason_names_the_stop_string_or_token_that_ended_the_choice(
+    client: openai.OpenAI, served_llm: LLM
+) -> None:
+    """vLLM's stop_reason: the matched stop string, the stop token id, None for length (or EOS),
+    whole and in the stream's last chunk, in completions and chat."""
+    free = served_llm.generate("Hello", SamplingParams(max_tokens=16, temperature=0.0))[0]
+    stop, token = free.text.strip()[:1] or "u", free.token_ids[0]
+    asks: list[tuple[dict[str, object], object]] = [
+        ({"stop": [stop]}, stop),
+        ({"extra_body": {"stop_token_ids": [token]}}, token),
+        ({}, None),
+    ]
+    for fields, reason in asks:
+        whole = client.completions.create(model=SERVED[0], prompt="Hello", max_tokens=16, temperature=0, **fields)
+        assert whole.choices[0].finish_reason == ("length" if reason is None else "stop")
+        assert whole.choices[0].model_extra["stop_reason"] == reason  # type: ignore[index]
+        chunks = list(
+            client.completions.create(
+                model=SERVED[0], prompt="Hello", max_tokens=16, temperature=0, stream=True, **fields
+            )
+        )
+        assert chunks[-1].choices[0].model_extra["stop_reason"] == reason  # type: ignore[index]
+    messages = [{"role": "user", "content": "Hello"}]
+    chat = client.chat.completions.create(model=SERVED[0], messages=messages, max_tokens=16, temperature=0,
+                                          extra_body={"stop_token_ids": [token], "ignore_eos": True})  # fmt: skip
+    if chat.choices[0].finish_reason == "stop":  # the template's prompt may not lead to that token
+        assert chat.choices[0].model_extra["stop_reason"] == token  # type: ignore[index]
+
+
 def test_usage_chunks(client: openai.OpenAI) -> None:
     chunks = list(
         client.completions.create(
