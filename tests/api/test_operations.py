@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from clients import read_metric
+from clients import Stream, read_metric
 from proxy_harness import SERVED, Proxy, proxy_config, running_proxy
 from triton_harness import MAX_NUM_SEQS, MAX_QUEUE_SIZE, Server
 from vdiff.serve.launcher import free_loopback_address
@@ -137,6 +137,40 @@ def test_a_full_server_answers_503_with_retry_after(proxy: Proxy, triton_server:
     assert error["code"] == 503 and error["type"] == "ServiceUnavailableError" and "at capacity" in error["message"]
     wait_until(lambda: engine_running(triton_server) == 0, timeout=10)
     assert capacity_rejections(proxy) >= 1
+
+
+def test_refusals_count_as_rejections_only_and_disconnects_as_aborts(proxy: Proxy, triton_server: Server) -> None:
+    """Exact counters after one success, two refusals by a full denoiser (filled by a direct Triton
+    client, so the proxy's own reservations let the requests through) and one client that hangs
+    up: vLLM counts a refused request in no finished_reason, only as a rejection."""
+    metrics = f"{proxy.url}/metrics"
+    finished = {reason: f'vllm:request_success_total{{engine="0",finished_reason="{reason}",model_name="{SERVED[0]}"}}'
+                for reason in ("stop", "length", "abort")}  # fmt: skip
+    before = {reason: read_metric(metrics, name) for reason, name in finished.items()}
+    refusals_before = capacity_rejections(proxy)
+    capacity = MAX_NUM_SEQS + MAX_QUEUE_SIZE
+    fillers = [Stream(triton_server.grpc) for _ in range(capacity)]
+    try:
+        for filler in fillers:
+            filler.send("vdiff", {"text_input": "long", "max_tokens": 256, "ignore_eos": True, "stream": True})
+        wait_until(lambda: engine_running(triton_server) == capacity, 30)
+        for _ in range(2):
+            refused = httpx.post(f"{proxy.v1}/completions", json=LONG | {"max_tokens": 4}, timeout=30)
+            assert refused.status_code == 503 and "at capacity" in refused.json()["error"]["message"]
+    finally:
+        for filler in fillers:
+            filler.cancel()
+            filler.close()
+    wait_until(lambda: engine_running(triton_server) == 0, timeout=10)
+    answer = httpx.post(f"{proxy.v1}/completions", json={"prompt": "after", "max_tokens": 4}, timeout=30)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "length"
+    with contextlib.suppress(httpx.TimeoutException):
+        httpx.post(f"{proxy.v1}/completions", json=LONG | {"stream": True}, timeout=0.5)
+    wait_until(lambda: engine_running(triton_server) == 0, timeout=10)
+    time.sleep(0.5)  # the disconnect's abort is counted when its generation ends
+    delta = {reason: read_metric(metrics, name) - before[reason] for reason, name in finished.items()}
+    assert delta == {"stop": 0, "length": 1, "abort": 1}
+    assert capacity_rejections(proxy) - refusals_before == 2
 
 
 def capacity_rejections(proxy: Proxy) -> float:
