@@ -164,8 +164,8 @@ def test_refusals_count_as_rejections_only_and_disconnects_as_aborts(proxy: Prox
     wait_until(lambda: engine_running(triton_server) == 0, timeout=10)
     answer = httpx.post(f"{proxy.v1}/completions", json={"prompt": "after", "max_tokens": 4}, timeout=30)
     assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] == "length"
-    with contextlib.suppress(httpx.TimeoutException):
-        httpx.post(f"{proxy.v1}/completions", json=LONG | {"stream": True}, timeout=0.5)
+    with httpx.stream("POST", f"{proxy.v1}/completions", json=LONG | {"stream": True}, timeout=30) as stream:
+        next(line for line in stream.iter_lines() if line.startswith("data: "))  # it runs: hang up
     wait_until(lambda: engine_running(triton_server) == 0, timeout=10)
     time.sleep(0.5)  # the disconnect's abort is counted when its generation ends
     delta = {reason: read_metric(metrics, name) - before[reason] for reason, name in finished.items()}
