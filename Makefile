@@ -22,8 +22,8 @@ test-all:
 	$(BIN)/pytest
 
 lint:
-	$(BIN)/ruff check vdiff client tools tests perf model_repository
-	$(BIN)/ruff format --check vdiff client tools tests perf model_repository
+	$(BIN)/ruff check vdiff client tools tests perf model_repository deploy
+	$(BIN)/ruff format --check vdiff client tools tests perf model_repository deploy
 	$(BIN)/mypy
 
 tiny:
