@@ -25,8 +25,15 @@ import yaml
 Object = dict[str, Any]
 SUPPORTED = {"apiVersion", "kind", "resources", "labels", "images", "patches"}
 # strategic merge: the lists merged element by element on this key; other lists are replaced
-MERGE_KEYS = {"containers": "name", "initContainers": "name", "volumes": "name", "volumeMounts": "mountPath",
-              "env": "name", "ports": "containerPort", "tolerations": "key"}  # fmt: skip
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "env": "name",
+    "ports": "containerPort",
+    "tolerations": "key",
+}
 
 
 class KustomizeError(ValueError):

@@ -1,7 +1,7 @@
 """A real scale-out on one machine: `vdiff` replicas behind HAProxy, with Locust load through it,
 a rolling restart under load, then a crash under load.
 
-    python perf/scale_out.py [--model vdiff-tiny] [--users 8] [--run-time 150] [--before 20]
+    python perf/scale_out.py [--model vdiff-demo] [--users 8] [--run-time 200] [--before 20]
         [--crash-run-time 40] [--max-tokens 32] [--out perf/results/scale_out]
 
 Two replicas (`vdiff` with its own tritonserver each) start on loopback ports, and HAProxy with
@@ -69,12 +69,34 @@ class Replica:
 
     def start(self) -> None:
         self.starts += 1
-        command = [sys.executable, "-m", "vdiff.serve.cli", "--model", self.model, "--host", "127.0.0.1",
-                   "--port", str(self.http_port), "--max-num-seqs", "8", "--max-queue-size", "16",
-                   "--torch-num-threads", "1", "--shutdown-timeout", "30",
-                   "--triton-http-port", str(self.triton.http_port), "--triton-grpc-port", str(self.triton.grpc_port),
-                   "--triton-metrics-port", str(self.triton.metrics_port), "--disable-uvicorn-access-log",
-                   "--workdir", str(self.workdir / f"{self.name}-{self.starts}")]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "vdiff.serve.cli",
+            "--model",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.http_port),
+            "--max-num-seqs",
+            "8",
+            "--max-queue-size",
+            "16",
+            "--torch-num-threads",
+            "1",
+            "--shutdown-timeout",
+            "30",
+            "--triton-http-port",
+            str(self.triton.http_port),
+            "--triton-grpc-port",
+            str(self.triton.grpc_port),
+            "--triton-metrics-port",
+            str(self.triton.metrics_port),
+            "--disable-uvicorn-access-log",
+            "--workdir",
+            str(self.workdir / f"{self.name}-{self.starts}"),
+        ]
         log = (self.workdir / f"{self.name}-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -112,12 +134,18 @@ class Balancer:
     def __init__(self, replicas: list[Replica], workdir: Path) -> None:
         self.port = free_loopback_address().http_port
         self.stats_port = free_loopback_address().http_port
-        env = os.environ | {"VDIFF_LB_BIND": f"127.0.0.1:{self.port}",
-                            "VDIFF_LB_STATS": f"127.0.0.1:{self.stats_port}",
-                            **{f"VDIFF_{r.name.upper()}": f"127.0.0.1:{r.http_port}" for r in replicas}}  # fmt: skip
+        env = os.environ | {
+            "VDIFF_LB_BIND": f"127.0.0.1:{self.port}",
+            "VDIFF_LB_STATS": f"127.0.0.1:{self.stats_port}",
+            **{f"VDIFF_{r.name.upper()}": f"127.0.0.1:{r.http_port}" for r in replicas},
+        }
         log = (workdir / "haproxy.log").open("wb")
-        self.process = subprocess.Popen(["haproxy", "-db", "-f", str(HAPROXY_CONFIG)], env=env, stdout=log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
+        self.process = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(HAPROXY_CONFIG)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
     @property
     def url(self) -> str:
@@ -177,8 +205,20 @@ class TokenMeter(threading.Thread):
 
 
 def load_args(args: argparse.Namespace, url: str, run_time: int) -> argparse.Namespace:
-    argv = ["--host", url, "--users", str(args.users), "--run-time", f"{run_time}s", "--max-tokens",
-            str(args.max_tokens), "--ignore-eos", "--non-stream-share", "0.2", "--quiet"]  # fmt: skip
+    argv = [
+        "--host",
+        url,
+        "--users",
+        str(args.users),
+        "--run-time",
+        f"{run_time}s",
+        "--max-tokens",
+        str(args.max_tokens),
+        "--ignore-eos",
+        "--non-stream-share",
+        "0.2",
+        "--quiet",
+    ]
     return build_parser().parse_args(argv)
 
 
@@ -250,8 +290,12 @@ def crash(args: argparse.Namespace, replicas: list[Replica], balancer: Balancer)
     victim.crash()
     marked_down_s = balancer.wait_status(victim.name, "DOWN", timeout_s=30)
     thread.join()
-    return {"killed": victim.name, "in_flight_on_it": in_flight, "marked_down_after_s": round(marked_down_s, 2),
-            "load": load_outcome(box["report"])}  # fmt: skip
+    return {
+        "killed": victim.name,
+        "in_flight_on_it": in_flight,
+        "marked_down_after_s": round(marked_down_s, 2),
+        "load": load_outcome(box["report"]),
+    }
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -283,9 +327,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="vdiff-tiny")
+    p.add_argument("--model", default="vdiff-demo")
     p.add_argument("--users", type=int, default=8)
-    p.add_argument("--run-time", type=int, default=150, help="seconds of load around the rolling restart")
+    p.add_argument("--run-time", type=int, default=200, help="seconds of load around the rolling restart")
     p.add_argument("--before", type=int, default=20, help="seconds of load before the first SIGTERM")
     p.add_argument("--crash-run-time", type=int, default=40, help="seconds of load around the crash")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -307,11 +351,15 @@ def main(argv: list[str] | None = None) -> int:
             balancer = Balancer(replicas, workdir)
             for replica in replicas:
                 balancer.wait_status(replica.name, "UP", timeout_s=30)
-            report = {"command": "python perf/scale_out.py " + " ".join(sys.argv[1:]), "model": args.model,
-                      "replicas": len(replicas), "users": args.users,
-                      "machine": f"{os.cpu_count()} cores, loopback",
-                      "rolling_restart": rolling_restart(args, replicas, balancer),
-                      "crash": crash(args, replicas, balancer)}  # fmt: skip
+            report = {
+                "command": " ".join(["python perf/scale_out.py", *sys.argv[1:]]),
+                "model": args.model,
+                "replicas": len(replicas),
+                "users": args.users,
+                "machine": f"{os.cpu_count()} cores, loopback",
+                "rolling_restart": rolling_restart(args, replicas, balancer),
+                "crash": crash(args, replicas, balancer),
+            }
         finally:
             if balancer is not None:
                 balancer.stop()

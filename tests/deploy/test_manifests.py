@@ -35,7 +35,10 @@ KUBERNETES = "1.37.0"
 OVERLAYS = sorted((ROOT / "deploy" / "kubernetes" / "overlays").iterdir())
 KSERVE = sorted((ROOT / "deploy" / "kserve").glob("*.yaml"))
 CRDS = ROOT / "tests" / "data" / "kserve-crds"
-HEALTH_PATHS = {"/health", "/ping"}  # the OpenAI server's probe routes (client/vdiff_client/server.py)
+HEALTH_PATHS = {
+    "/health",
+    "/ping",
+}  # the OpenAI server's probe routes (client/vdiff_client/server.py)
 TRITON_HEALTH_PATHS = {"/v2/health/ready", "/v2/health/live"}
 
 Object = dict[str, Any]
@@ -63,8 +66,13 @@ def pod_specs() -> Iterator[tuple[str, Object]]:
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=lambda p: p.name)
 def test_every_rendered_object_validates_against_the_kubernetes_schemas(overlay: Path) -> None:
     objects = rendered(overlay)
-    assert {o["kind"] for o in objects} == {"Deployment", "Service", "PodDisruptionBudget",
-                                            "HorizontalPodAutoscaler", "PersistentVolumeClaim"}  # fmt: skip
+    assert {o["kind"] for o in objects} == {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "PersistentVolumeClaim",
+    }
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES, strict=True)
 
@@ -165,7 +173,10 @@ def test_ports_and_probes_point_at_the_port_vdiff_listens_on(where: str, pod: Ob
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         action = container[probe]["httpGet"]
         assert action["path"] in paths, (where, probe)
-        assert action["port"] in (http_port, *[p.get("name") for p in container["ports"]]), (where, probe)
+        assert action["port"] in (http_port, *[p.get("name") for p in container["ports"]]), (
+            where,
+            probe,
+        )
     if command == "triton":
         assert args.triton_grpc_port in declared, where
 
@@ -176,8 +187,11 @@ def test_the_grace_period_outlasts_the_pre_stop_sleep_and_the_drain(where: str, 
     sleep = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = pod.get("terminationGracePeriodSeconds")
     if grace is None:  # a runtime: each InferenceService sets it on its predictor
-        graces = [o["spec"]["predictor"]["terminationGracePeriodSeconds"] for o in kserve_objects()
-                  if o["kind"] == "InferenceService"]  # fmt: skip
+        graces = [
+            o["spec"]["predictor"]["terminationGracePeriodSeconds"]
+            for o in kserve_objects()
+            if o["kind"] == "InferenceService"
+        ]
         grace = min(graces)
     assert grace > sleep + args.exit_timeout, where
 
