@@ -24,6 +24,7 @@ from torch import nn
 
 from vdiff.bounds import RequestBounds
 from vdiff.canvas import CanvasPool, Commits
+from vdiff.canvas_stream import CanvasRecorder
 from vdiff.config import BATCH_INVARIANT_QUANTIZED, EngineConfig
 from vdiff.decoding import DecodingStrategy, get_strategy
 from vdiff.models import Checkpoint, DiffusionLM, load_model
@@ -65,6 +66,7 @@ class Engine:
             self.model, self.tokenizer.special, self.canvases, self.verifier, config.batch_invariant
         )
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens)
+        self.recorder = CanvasRecorder(self.tokenizer)
         self._requests: dict[str, Request] = {}
         self._pending: list[RequestOutput] = []  # abort notices, returned by the next step()
         self._seeds = random.Random(config.seed)
@@ -119,8 +121,11 @@ class Engine:
             if request.slot is None:  # admitted by this schedule
                 self.canvases.place(request)
         batch = self.runner.forward(running)
+        spans = self.recorder.spans(batch.requests)  # empty unless a request streams its canvas
         try:
-            self.canvases.apply(batch.requests, batch.slots, self._decide(batch, running))
+            commits = self._decide(batch, running)
+            self.canvases.apply(batch.requests, batch.slots, commits)
+            self.recorder.record(batch, spans, commits)
         except BaseException:  # schedules may have moved without their commits: end those requests
             for request in list(running):
                 self.abort(request.request_id)
@@ -162,7 +167,9 @@ class Engine:
         for request in batch.requests:
             settled = settle(request, request.final_length(), self.tokenizer)
             if settled is None:
-                continue
+                if not request.canvas_events:
+                    continue
+                settled = [], ""  # no new text, but the step's canvas event
             outputs.append(_output(request, *settled))
             if request.is_finished:
                 self.canvases.release(request)
@@ -257,6 +264,7 @@ def _rows_by_strategy(running: list[Request]) -> dict[DecodingStrategy, list[int
 
 
 def _output(request: Request, new_token_ids: list[int], new_text: str = "") -> RequestOutput:
+    events, request.canvas_events = tuple(request.canvas_events), []
     return RequestOutput(
         request.request_id,
         new_token_ids,
@@ -267,4 +275,5 @@ def _output(request: Request, new_token_ids: list[int], new_text: str = "") -> R
         request.finish_reason,
         request.stop_reason,
         None if request.scheduled_time is None else request.scheduled_time - request.arrival_time,
+        events,
     )

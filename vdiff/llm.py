@@ -9,6 +9,7 @@ from typing import Any, TypeAlias
 from torch import nn
 
 from vdiff.assets import DEFAULT_MODEL
+from vdiff.canvas_stream import CanvasEvent
 from vdiff.config import EngineConfig
 from vdiff.engine import Engine
 from vdiff.outputs import GenerationOutput, RequestOutput
@@ -63,8 +64,11 @@ class LLM:
         params = as_params_list(sampling_params, len(batch))
         ids, texts = zip(*(self._prompt_ids(p) for p in batch), strict=True) if batch else ((), ())
         request_ids = self._add_all(ids, params)
-        finals = self._run_to_completion(set(request_ids))
-        return [_generation_output(finals[r], t, list(i)) for r, t, i in zip(request_ids, texts, ids, strict=True)]
+        finals, canvases = self._run_to_completion(set(request_ids))
+        return [
+            _generation_output(finals[r], t, list(i), tuple(canvases.get(r, ())))
+            for r, t, i in zip(request_ids, texts, ids, strict=True)
+        ]
 
     def chat(
         self,
@@ -97,13 +101,21 @@ class LLM:
             return list(prompt["prompt_token_ids"]), None
         return list(prompt), None
 
-    def _run_to_completion(self, request_ids: set[str]) -> dict[str, RequestOutput]:
+    def _run_to_completion(
+        self, request_ids: set[str]
+    ) -> tuple[dict[str, RequestOutput], dict[str, list[CanvasEvent]]]:
+        """Each request's final output, and the canvas events of those that stream them."""
         finals: dict[str, RequestOutput] = {}
+        canvases: dict[str, list[CanvasEvent]] = {}
         while len(finals) < len(request_ids):
             for output in self.engine.step():
-                if output.finished and output.request_id in request_ids:
+                if output.request_id not in request_ids:
+                    continue
+                if output.canvas:
+                    canvases.setdefault(output.request_id, []).extend(output.canvas)
+                if output.finished:
                     finals[output.request_id] = output
-        return finals
+        return finals, canvases
 
 
 def _is_single_prompt(prompts: object) -> bool:
@@ -112,7 +124,9 @@ def _is_single_prompt(prompts: object) -> bool:
     return isinstance(prompts, Sequence) and bool(prompts) and isinstance(prompts[0], int)
 
 
-def _generation_output(final: RequestOutput, prompt: str | None, prompt_ids: list[int]) -> GenerationOutput:
+def _generation_output(
+    final: RequestOutput, prompt: str | None, prompt_ids: list[int], canvas: tuple[CanvasEvent, ...]
+) -> GenerationOutput:
     assert final.finish_reason is not None
     return GenerationOutput(
         final.request_id,
@@ -123,4 +137,5 @@ def _generation_output(final: RequestOutput, prompt: str | None, prompt_ids: lis
         final.finish_reason,
         final.nfe,
         final.stop_reason,
+        canvas,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vdiff.canvas_stream import CanvasEvent
 from vdiff.request import FinishReason
 
 
@@ -20,6 +21,7 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     queue_time: float | None = None  # seconds from arrival to the first denoising step; None: never ran
+    canvas: tuple[CanvasEvent, ...] = ()  # with stream_canvas: the steps since the previous output
 
     @property
     def finished(self) -> bool:
@@ -38,6 +40,7 @@ class GenerationOutput:
     finish_reason: FinishReason
     nfe: int
     stop_reason: int | str | None = None
+    canvas: tuple[CanvasEvent, ...] = ()  # with stream_canvas: every step's event, in order
 
     @property
     def outputs(self) -> list[GenerationOutput]:

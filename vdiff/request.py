@@ -19,6 +19,7 @@ from vdiff.kv_cache import RequestKV
 from vdiff.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from vdiff.canvas_stream import CanvasEvent
     from vdiff.decoding.base import DecodingStrategy, StrategyState
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -67,6 +68,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+    # with params.stream_canvas: the steps' events not yet reported, and the steps recorded
+    canvas_events: list[CanvasEvent] = field(default_factory=list)
+    canvas_steps: int = 0
 
     def __post_init__(self) -> None:
         self.answer = [self.mask_id] * self.gen_length

@@ -68,6 +68,8 @@ class SamplingParams:
     apd_mixture_weight: float | None = None
     apd_kv_window: int | None = None
     apd_max_lookahead: int | None = None
+    # report every denoising step's commits (vdiff/canvas_stream.py); off: nothing is recorded
+    stream_canvas: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -107,6 +109,7 @@ def _validate(p: SamplingParams) -> None:
         _check_int("stop_token_ids", token, minimum=0)
     _check_bool("ignore_eos", p.ignore_eos)
     _check_bool("full_canvas", p.full_canvas)
+    _check_bool("stream_canvas", p.stream_canvas)
     _check_int("steps", p.steps, minimum=1, optional=True)
     _check_int("block_length", p.block_length, minimum=1, optional=True)
     _check_algorithm(p.algorithm)

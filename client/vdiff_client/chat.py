@@ -119,6 +119,7 @@ class ChatServing(Serving):
                 message=AssistantMessage(role=role, content=echo + r.text),
                 finish_reason=r.finish_reason,
                 stop_reason=r.stop_reason,
+                canvas=r.canvas,
             )
             for i, r in enumerate(results)
         ]
@@ -156,9 +157,11 @@ class ChatServing(Serving):
         async for index, delta in events:
             counts.add(index, delta)
             choice = ChatStreamChoice(index=index, delta=DeltaMessage(content=delta.text))
+            if delta.canvas:
+                choice.canvas = delta.canvas
             if delta.finish_reason is not None:
                 choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
-            elif not delta.text:
+            elif not delta.text and not delta.canvas:
                 continue  # nothing to say yet
             yield chunk(choice, index)
         final = counts.final()

@@ -88,6 +88,7 @@ class CompletionServing(Serving):
                 text=(prompts[i // request.n].text if request.echo else "") + result.text,
                 finish_reason=result.finish_reason,
                 stop_reason=result.stop_reason,
+                canvas=result.canvas,
             )
             for i, result in enumerate(results)
         ]
@@ -117,7 +118,11 @@ class CompletionServing(Serving):
                 model=self.config.model_name,
                 choices=[
                     CompletionStreamChoice(
-                        index=index, text=text, finish_reason=delta.finish_reason, stop_reason=delta.stop_reason
+                        index=index,
+                        text=text,
+                        finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
+                        canvas=delta.canvas,
                     )
                 ],
                 usage=counts.continuous(index),

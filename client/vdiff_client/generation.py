@@ -50,6 +50,7 @@ class ChoiceResult:
     completion_tokens: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    canvas: list[dict[str, Any]] | None = None  # with stream_canvas: every step's event
 
     @property
     def text(self) -> str:
@@ -57,6 +58,9 @@ class ChoiceResult:
 
     def add(self, delta: Delta) -> None:
         self.parts.append(delta.text)
+        if delta.canvas:
+            self.canvas = self.canvas or []
+            self.canvas.extend(delta.canvas)
         self.completion_tokens += delta.new_tokens
         if delta.finish_reason is not None:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason

@@ -68,6 +68,8 @@ class DiffusionFields(RequestBody):
     # the whole canvas, EOS padding included, as the published samplers decode it (not ignore_eos,
     # which bans the end tokens so that max_tokens real tokens come back, as vLLM's does)
     full_canvas: bool = False
+    # every denoising step's commits, as a `canvas` list in each choice (vdiff/canvas_stream.py)
+    stream_canvas: bool = False
 
 
 class SamplingFields(DiffusionFields):

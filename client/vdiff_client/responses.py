@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -15,6 +15,15 @@ def random_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+def _absent(value: object) -> bool:
+    return value is None
+
+
+# with stream_canvas: the choice's denoising steps (vdiff/canvas_stream.py); left out otherwise, so
+# that the bodies of other requests are byte for byte what they were
+CanvasEvents = Annotated[list[dict[str, Any]] | None, Field(exclude_if=_absent)]
 
 
 class UsageInfo(BaseModel):
@@ -37,6 +46,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prompt_logprobs: Any = None
+    canvas: CanvasEvents = None
 
 
 class CompletionResponse(BaseModel):
@@ -57,6 +67,7 @@ class CompletionStreamChoice(BaseModel):
     logprobs: Any = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    canvas: CanvasEvents = None
 
 
 class CompletionStreamResponse(BaseModel):
@@ -82,6 +93,7 @@ class ChatChoice(BaseModel):
     logprobs: Any = None
     finish_reason: str | None = "stop"
     stop_reason: int | str | None = None
+    canvas: CanvasEvents = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -107,6 +119,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: Any = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    canvas: CanvasEvents = None
 
 
 class ChatCompletionStreamResponse(BaseModel):

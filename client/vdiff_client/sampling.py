@@ -184,4 +184,6 @@ def ensemble_values(
         values["ignore_eos"] = True
     if request.full_canvas:
         values["full_canvas"] = True
+    if request.stream_canvas:
+        values["stream_canvas"] = True
     return values

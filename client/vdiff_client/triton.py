@@ -95,6 +95,8 @@ class Delta:
     finish_reason: str | None  # set on the last response
     queue_time: float | None = None  # seconds the engine kept it waiting; None until it ran
     stop_reason: int | str | None = None  # on the last response: the stop token id or string
+    # with stream_canvas: the denoising steps since the previous response (vdiff/canvas_stream.py)
+    canvas: list[dict[str, Any]] | None = None
 
 
 class TritonBackend:
@@ -217,6 +219,8 @@ def _delta(result: Any) -> Delta:
     queue_time = float(one("queue_time"))
     stop = result.as_numpy("stop_reason")  # None from a model without it (a custom ensemble)
     stop_json = stop.reshape(-1)[0].decode("utf-8") if stop is not None else ""
+    events = result.as_numpy("canvas_events")  # None from a model without it
+    events_json = events.reshape(-1)[0].decode("utf-8") if events is not None else ""
     return Delta(
         text=one("text_output").decode("utf-8"),
         prompt_tokens=int(one("num_input_tokens")),
@@ -225,4 +229,5 @@ def _delta(result: Any) -> Delta:
         finish_reason=finish or None,
         queue_time=queue_time if queue_time >= 0 else None,
         stop_reason=json.loads(stop_json) if stop_json else None,
+        canvas=json.loads(events_json) if events_json else None,
     )

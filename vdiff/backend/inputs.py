@@ -51,6 +51,7 @@ OPTIONS = (
     Option("apd_kv_window", "TYPE_INT32", "apd_kv_window"),
     Option("apd_max_lookahead", "TYPE_INT32", "apd_max_lookahead"),
     Option("full_canvas", "TYPE_BOOL", "full_canvas"),  # the whole canvas, EOS padding included
+    Option("stream_canvas", "TYPE_BOOL", "stream_canvas"),  # every step's commits (canvas_events)
     Option("stream", "TYPE_BOOL", None),
     Option("exclude_input_in_output", "TYPE_BOOL", None),
     # The counts are always returned; the flags exist because the Triton OpenAI frontend sends them.

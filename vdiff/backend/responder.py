@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol, cast
 
 from vdiff.backend.metrics import ServiceMetrics
+from vdiff.canvas_stream import CanvasEvent
 from vdiff_client.codes import ErrorCode
 
 logger = logging.getLogger("vdiff.backend")
@@ -42,6 +43,8 @@ class Update:
     # "" until the last response, then vLLM's stop_reason as JSON: null (EOS, length, abort), the
     # stop token id, or the stop string that ended it
     stop_reason: str = ""
+    # with stream_canvas: the denoising steps since the last response (vdiff/canvas_stream.py)
+    canvas: tuple[CanvasEvent, ...] = ()
 
 
 class Sink(Protocol):
@@ -200,5 +203,7 @@ def joined(first: Send, then: Send) -> Send:
     """One response carrying both: the deltas in order, the later counts and finish."""
     a, b = first.update, then.update
     queue_time = a.queue_time if a.queue_time >= 0 else b.queue_time
-    update = replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, queue_time=queue_time)
+    update = replace(
+        b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, queue_time=queue_time, canvas=a.canvas + b.canvas
+    )
     return Send(first.key, first.sink, update, then.final)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from vdiff.backend.inputs import StreamOptions, name_inputs
 from vdiff.backend.metrics import ServiceMetrics
 from vdiff.backend.responder import Responder, Sink, Update
+from vdiff.canvas_stream import CanvasEvent
 from vdiff.engine import Admitted, Engine
 from vdiff.outputs import RequestOutput
 from vdiff.sampling_params import SamplingParams
@@ -53,6 +54,7 @@ class Stream:
     echoed: bool = False
     cancelled: bool = False  # the client went away: end with CANCELLED
     broken: bool = False  # its sender failed: end without another response
+    canvas: list[CanvasEvent] = field(default_factory=list)  # canvas events not yet sent
 
 
 @dataclass(frozen=True)
@@ -287,6 +289,7 @@ class DenoiseService:
             self._release(stream)
             prompt_tokens = len(stream.admitted.prompt_ids)
             self.metrics.finished(prompt_tokens, output.nfe, len(output.token_ids), now - stream.arrived)
+        stream.canvas.extend(output.canvas)  # a whole (not streamed) response carries every step
         if stream.broken:
             return
         if stream.cancelled:
@@ -308,7 +311,9 @@ class DenoiseService:
             queue_time=-1.0 if output.queue_time is None else output.queue_time,
             finish_reason=output.finish_reason or "",
             stop_reason=json.dumps(output.stop_reason) if output.finished else "",
+            canvas=tuple(stream.canvas),
         )
+        stream.canvas.clear()
         stream.sent_chars, stream.sent_tokens = len(output.text), len(output.token_ids)
         return update
 

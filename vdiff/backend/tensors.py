@@ -6,6 +6,8 @@ dimension lets clients send `[[x]]`-shaped inputs as TensorRT-LLM's ensemble tak
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from vdiff.backend.responder import Update
@@ -34,6 +36,8 @@ def denoiser_outputs(update: Update) -> dict[str, np.ndarray]:
         "queue_time": np.array([[update.queue_time]], dtype=np.float32),
         "finish_reason": _text(update.finish_reason),
         "stop_reason": _text(update.stop_reason),
+        # with stream_canvas: a JSON list of the steps' events since the last response; else ""
+        "canvas_events": _text(json.dumps([e.to_json() for e in update.canvas]) if update.canvas else ""),
         "request_key": _text(update.key),
     }
 
@@ -41,7 +45,7 @@ def denoiser_outputs(update: Update) -> dict[str, np.ndarray]:
 # what the detokenizer passes on: the denoiser decodes its text incrementally as it settles
 PASSED_ON = frozenset(
     ("text_output", "num_input_tokens", "num_output_tokens", "step_index", "queue_time", "finish_reason",
-     "stop_reason")
+     "stop_reason", "canvas_events")
 )  # fmt: skip
 
 

@@ -58,6 +58,7 @@ class APDProgress(StrategyState):
     cursor: int  # the first masked position; everything before it is final
     stop_ids: Tensor  # (S,) the request's stop token ids, where drafts stop being judged
     accepted: int = 0  # tokens the last round accepted
+    drafted: Tensor | None = None  # (m,) the last round's judged drafts, from the cursor it started at
     verifier: VerifierState = field(default_factory=VerifierState)  # the verifier's cache of it
 
 
@@ -95,6 +96,16 @@ class AdaptiveParallelDecoding(DecodingStrategy):
         stop_ids = torch.tensor(sorted(request.stop_ids), dtype=torch.long, device=request.generator.device)
         return APDProgress(cursor=request.prompt_len, stop_ids=stop_ids)
 
+    def span(self, request: Request) -> tuple[int, int]:
+        """The lookahead the round drafts."""
+        return state_of(request, APDProgress).cursor, _lookahead_end(request)
+
+    def drafts(self, request: Request) -> tuple[int, list[int]] | None:
+        progress = state_of(request, APDProgress)
+        if progress.drafted is None:
+            return None
+        return progress.cursor - progress.accepted, progress.drafted.tolist()
+
     def window(self, request: Request) -> Window:
         length, right = request.canvas_len, _lookahead_end(request)
         kv_window = request.params.apd_kv_window
@@ -131,8 +142,9 @@ class AdaptiveParallelDecoding(DecodingStrategy):
             accepted = _judge(request, draft, scores, batch.end_ids)
             verifier.accept(state_of(request, APDProgress).verifier, cursor, accepted)
             picks.append(candidates.cols[seg][:accepted])
-        for request, pick in zip(requests, picks, strict=True):
+        for request, pick, draft in zip(requests, picks, drafts, strict=True):
             progress = state_of(request, APDProgress)
+            progress.drafted = draft.judged  # past the first stop token nothing is judged
             progress.accepted = len(pick)
             progress.cursor += progress.accepted
             request.schedule_done = progress.cursor == request.canvas_len

@@ -59,6 +59,15 @@ class DecodingStrategy(ABC):
         """The canvas positions the next forward feeds for this request and the keys they attend to."""
         return Window(0, request.canvas_len, request.canvas_len)
 
+    def span(self, request: Request) -> tuple[int, int]:
+        """[start, end): the canvas positions the next step may commit (the canvas stream's span)."""
+        return request.prompt_len, request.canvas_len
+
+    def drafts(self, request: Request) -> tuple[int, list[int]] | None:
+        """The last step's drafted tokens and the position of the first, for strategies that draft
+        more than they commit (APD); None for the others."""
+        return None
+
     def keeps_cache(self, params: SamplingParams) -> bool:
         """Whether a request's keys and values outlive a step (a window then reads them)."""
         return params.cache != "none"

@@ -132,6 +132,12 @@ class LLaDASampler(DecodingStrategy):
         block_start = schedule.window_end - block
         return Window(block_start, length if mode == "prefix" else schedule.window_end, length)
 
+    def span(self, request: Request) -> tuple[int, int]:
+        """The block in work."""
+        block, end = request.params.block_length, state_of(request, BlockSchedule).window_end
+        assert block is not None
+        return end - block, end
+
     def step(self, batch: StepBatch, rows: list[int]) -> Commits:
         commits = []
         for group in _by_confidence_dtype(batch, rows):
