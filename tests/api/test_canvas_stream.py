@@ -114,9 +114,7 @@ def test_a_whole_response_carries_every_step(served: tuple[int, ServerAddress], 
     assert "canvas" not in plain["choices"][0]
 
 
-def test_the_triton_ensemble_returns_the_steps_as_an_output(
-    served: tuple[int, ServerAddress], offline: LLM
-) -> None:
+def test_the_triton_ensemble_returns_the_steps_as_an_output(served: tuple[int, ServerAddress], offline: LLM) -> None:
     _, triton = served
     prompt = offline.tokenizer.apply_chat_template(QUESTION)
     values = {"text_input": prompt, "max_tokens": 24, "steps": 24, "block_length": 8, "temperature": 0.0}
@@ -127,6 +125,9 @@ def test_the_triton_ensemble_returns_the_steps_as_an_output(
     assert events == chat_events(offline, **ONE_PER_STEP)[1]
     plain = stream_infer(triton.grpc_target, values)
     assert plain.text == result.text and all(r["canvas_events"] == "" for r in plain.responses)
+    whole = stream_infer(triton.grpc_target, values | {"stream": False, "stream_canvas": True})
+    (response,) = whole.responses
+    assert json.loads(response["canvas_events"]) == events
 
 
 def test_the_golden_files_are_the_streams_they_claim() -> None:

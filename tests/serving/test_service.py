@@ -14,6 +14,7 @@ from vdiff import LLM, SamplingParams
 from vdiff.backend.inputs import StreamOptions
 from vdiff.backend.responder import Fail, Send, Update, Watch, coalesced
 from vdiff.backend.service import DenoiseService, ServiceError
+from vdiff.canvas_stream import CanvasEvent
 from vdiff.config import DEFAULT_MAX_STOP_STRINGS, EngineConfig
 from vdiff.detokenizer import IncrementalDetokenizer
 from vdiff.engine import Engine
@@ -214,3 +215,29 @@ def test_queued_responses_of_a_request_go_out_as_one() -> None:
         queued[-1],
         queued[1],
     ]
+
+
+def test_canvas_events_reach_the_sink_streamed_and_whole(service: DenoiseService, served_llm: LLM) -> None:
+    """Streamed: each step's event in the response of its step. Whole: the one response carries
+    every step's event. Both are the offline engine's events."""
+    params = {"max_tokens": 16, "steps": 8, "block_length": 8, "stream_canvas": True}
+    (offline,) = served_llm.generate("hello", SamplingParams(**params))  # type: ignore[arg-type]
+    expected = [event.to_json() for event in offline.canvas]
+    streamed = submit(service, "hello", **params)
+    whole = submit(service, "hello", stream=False, **params)
+    assert streamed.done.wait(60) and whole.done.wait(60)
+    assert [e.to_json() for u, _ in streamed.updates for e in u.canvas] == expected
+    ((only, final),) = whole.updates
+    assert final and [e.to_json() for e in only.canvas] == expected
+    plain = submit(service, "hello", max_tokens=16, steps=8, block_length=8)
+    assert plain.done.wait(60) and all(u.canvas == () for u, _ in plain.updates)
+
+
+def test_joined_responses_keep_every_canvas_event_in_order() -> None:
+    sink = Collector()
+    events = [CanvasEvent(step, step, 8 - step, (0, 8), ()) for step in (1, 2, 3)]
+    sends = [
+        Send("a", sink, Update("a", [], "", 3, i + 1, 0.5, "", "", (event,)), False) for i, event in enumerate(events)
+    ]
+    (joined,) = coalesced(sends)  # type: ignore[arg-type]
+    assert isinstance(joined, Send) and joined.update.canvas == tuple(events)
