@@ -150,6 +150,8 @@ def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
                       help="serve GET /tokenizer_info: the tokenizer's configuration and chat template")  # fmt: skip
     http.add_argument("--trust-request-chat-template", action="store_true",
                       help="accept a chat_template in requests (off: 400, as in vLLM)")  # fmt: skip
+    http.add_argument("--no-playground", action="store_true",
+                      help="do not serve the browser playground at /playground (404)")  # fmt: skip
     http.add_argument("--enable-log-requests", action="store_true")
     http.add_argument("--disable-log-requests", action="store_true", help="deprecated in vLLM; the default")
     http.add_argument("--max-log-len", type=int, default=None)

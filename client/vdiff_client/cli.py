@@ -83,6 +83,7 @@ def proxy_config(args: argparse.Namespace, model_dir: str, triton_url: str, metr
         enable_force_include_usage=args.enable_force_include_usage,
         enable_request_id_headers=args.enable_request_id_headers,
         enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+        playground=not args.no_playground,
         enable_log_requests=args.enable_log_requests,
         max_log_len=args.max_log_len,
         rate_limits=RateLimits(args.rate_limit_rpm, args.rate_limit_tpm),

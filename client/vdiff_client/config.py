@@ -68,6 +68,7 @@ class ProxyConfig:
     enable_force_include_usage: bool = False
     enable_request_id_headers: bool = False
     enable_tokenizer_info_endpoint: bool = False  # GET /tokenizer_info, as vLLM serves it with the flag
+    playground: bool = True  # GET /playground, the browser page (off: --no-playground)
     enable_log_requests: bool = False
     max_log_len: int | None = None
     rate_limits: RateLimits = RateLimits()  # per API key, or per address without keys

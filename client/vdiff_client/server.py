@@ -30,6 +30,7 @@ from vdiff_client.errors import install_error_handlers
 from vdiff_client.health import BackendWatch, HealthCheck
 from vdiff_client.limits import BodySizeLimit
 from vdiff_client.metrics import ProxyMetrics, instrument_http
+from vdiff_client.playground import add_playground
 from vdiff_client.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from vdiff_client.ratelimit import RateLimiter, RateLimitMiddleware
 from vdiff_client.responses import DetokenizeResponse, ModelCard, ModelList, TokenizeResponse
@@ -262,6 +263,8 @@ def build_app(
         async def tokenizer_info() -> JSONResponse:
             return JSONResponse(tokenizer.info())
 
+    if config.playground:  # public: the page holds no secret, its API calls carry the key typed in
+        add_playground(app)
     return app
 
 
