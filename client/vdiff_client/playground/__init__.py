@@ -20,7 +20,7 @@ PAGE = "index.html"
 # the files under /playground/ and their content types (starlette adds `; charset=utf-8`)
 ASSETS = {"playground.css": "text/css", "playground.js": "text/javascript"}
 HEADERS = {
-    "Cache-Control": "no-cache",  # revalidated on every load, so an upgraded server's page shows at once
+    "Cache-Control": "no-cache",  # revalidated on each load: a new server's page shows at once
     "X-Content-Type-Options": "nosniff",
     # the page talks to this server only and runs no inline code; no frame may hold its key field
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",

@@ -14,7 +14,8 @@ const USES = {
   apd: ["apd_mixture_weight", "apd_kv_window", "apd_max_lookahead"],
 };
 // the engine's algorithm behind each choice; the server's default sends none
-const ALGORITHM = { schedule: "low_confidence", threshold: "low_confidence", factor: "low_confidence", apd: "apd" };
+const LLADA = "low_confidence";
+const ALGORITHM = { schedule: LLADA, threshold: LLADA, factor: LLADA, apd: "apd" };
 // A rule without its number would silently fall back to a schedule: picking it fills a value.
 const RULE_VALUES = { threshold: "0.9", factor: "1" };
 // The compare view's pair: one token per step (as many steps as positions, one block) against
@@ -26,8 +27,8 @@ const PRESETS = {
 // The demo model decodes its canvas in well under a second: each step stays on screen at least
 // this long so that the eye can follow it. The counters keep the real timings.
 const STEP_MS = 60;
-// Special tokens are long ("<|endoftext|>"): a cell shows an end token, which a model pads its canvas
-// with after the answer, as EOS, and any other special token by its bare name.
+// Special tokens are long ("<|endoftext|>"): a cell shows an end token, which a model pads its
+// canvas with after the answer, as EOS, and any other special token by its bare name.
 const END_TOKENS = new Set(["<|endoftext|>", "<|eot_id|>", "<|im_end|>", "</s>", "<eos>"]);
 
 function cellText(text) {
@@ -48,7 +49,9 @@ class Panel {
       input.id = `${id}-${input.dataset.name}`; // ids must be unique: the template is used thrice
       this.inputs[input.dataset.name] = input;
     }
-    for (const label of this.root.querySelectorAll("label[data-for]")) label.htmlFor = `${id}-${label.dataset.for}`;
+    for (const label of this.root.querySelectorAll("label[data-for]")) {
+      label.htmlFor = `${id}-${label.dataset.for}`;
+    }
     for (const [name, value] of Object.entries(PRESETS[id] || {})) this.inputs[name].value = value;
     this.inputs.algorithm.addEventListener("change", () => this.applyAlgorithm(true));
     this.applyAlgorithm(false);
@@ -56,7 +59,9 @@ class Panel {
     this.answer = this.root.querySelector(".answer");
     this.error = this.root.querySelector(".error");
     this.counters = {};
-    for (const dd of this.root.querySelectorAll("[data-counter]")) this.counters[dd.dataset.counter] = dd;
+    for (const dd of this.root.querySelectorAll("[data-counter]")) {
+      this.counters[dd.dataset.counter] = dd;
+    }
     slot.append(this.root);
   }
 
@@ -67,12 +72,15 @@ class Panel {
       if (name !== "algorithm") input.disabled = !used.has(name);
     }
     for (const rule of Object.keys(RULE_VALUES)) this.inputs[rule].required = choice === rule;
-    if (fill && RULE_VALUES[choice] && !this.inputs[choice].value) this.inputs[choice].value = RULE_VALUES[choice];
+    if (fill && RULE_VALUES[choice] && !this.inputs[choice].value) {
+      this.inputs[choice].value = RULE_VALUES[choice];
+    }
   }
 
-  // The request: OpenAI's chat fields, vdiff's decoding fields, and only the boxes that hold a value.
+  // The request: OpenAI's chat fields, vdiff's decoding fields, only the boxes that hold a value.
   body(prompt) {
-    const body = { messages: [{ role: "user", content: prompt }], stream: true, stream_canvas: true };
+    const messages = [{ role: "user", content: prompt }];
+    const body = { messages, stream: true, stream_canvas: true };
     const algorithm = ALGORITHM[this.inputs.algorithm.value];
     if (algorithm) body.algorithm = algorithm;
     for (const [name, input] of Object.entries(this.inputs)) {
@@ -118,11 +126,14 @@ class Panel {
       for await (const data of sseData(response)) {
         if (data === "[DONE]") break;
         const chunk = JSON.parse(data);
-        if (chunk.error) throw new Error(`The server ended the stream with an error: ${messageOf(chunk)}`);
+        if (chunk.error) {
+          throw new Error(`The server ended the stream with an error: ${messageOf(chunk)}`);
+        }
         const choice = (chunk.choices || [])[0];
         if (!choice) continue; // the usage chunk
         // a chunk's steps come before the text they completed, so the two stay in step on screen
-        for (const event of choice.canvas || []) this.queue.push({ event, at: performance.now() - started });
+        const at = performance.now() - started;
+        for (const event of choice.canvas || []) this.queue.push({ event, at });
         if (choice.delta && choice.delta.content) this.queue.push({ text: choice.delta.content });
       }
       ok = true;
@@ -198,14 +209,18 @@ class Panel {
       this.committed += 1;
     }
     const [from, to] = event.span || [0, 0];
-    this.cells.forEach((cell, i) => cell.classList.toggle("span", i + this.offset >= from && i + this.offset < to));
+    this.cells.forEach((cell, i) => {
+      cell.classList.toggle("span", i + this.offset >= from && i + this.offset < to);
+    });
     const seconds = at / 1000;
     this.counters.nfe.textContent = String(event.nfe);
     this.counters.per_step.textContent = (this.committed / Math.max(1, event.step)).toFixed(2);
-    this.counters.rate.textContent = seconds > 0 ? String(Math.round(this.committed / seconds)) : "–";
+    const rate = seconds > 0 ? String(Math.round(this.committed / seconds)) : "–";
+    this.counters.rate.textContent = rate;
     this.counters.masks.textContent = String(event.masks);
     const done = this.cells.length - event.masks;
-    this.canvas.setAttribute("aria-label", `the canvas: ${done} of ${this.cells.length} positions decoded`);
+    const label = `the canvas: ${done} of ${this.cells.length} positions decoded`;
+    this.canvas.setAttribute("aria-label", label);
   }
 }
 
@@ -271,8 +286,12 @@ function main() {
   let controller = null;
 
   const view = () => form.querySelector('input[name="view"]:checked').value;
-  const showView = () => slots.forEach((slot) => { slot.hidden = !slot.classList.contains(`view-${view()}`); });
-  for (const radio of form.querySelectorAll('input[name="view"]')) radio.addEventListener("change", showView);
+  const showView = () => {
+    for (const slot of slots) slot.hidden = !slot.classList.contains(`view-${view()}`);
+  };
+  for (const radio of form.querySelectorAll('input[name="view"]')) {
+    radio.addEventListener("change", showView);
+  }
   showView();
 
   prompt.addEventListener("keydown", (event) => {
@@ -295,12 +314,15 @@ function main() {
     const running = view() === "single" ? [panels.single] : [panels.left, panels.right];
     controller = new AbortController();
     stopButton.disabled = false;
-    if (document.activeElement === runButton) stopButton.focus(); // a disabled button drops the focus
+    // a button that becomes disabled drops the focus: hand it to Stop
+    if (document.activeElement === runButton) stopButton.focus();
     runButton.disabled = true;
     status.textContent = running.length > 1 ? "Running both settings…" : "Running…";
     // both requests leave before either is awaited, so that a comparison starts them together
-    const results = await Promise.all(running.map((panel) => panel.run(text, key.value.trim(), controller.signal)));
-    const stopped = controller.signal.aborted;
+    const signal = controller.signal;
+    const apiKey = key.value.trim();
+    const results = await Promise.all(running.map((panel) => panel.run(text, apiKey, signal)));
+    const stopped = signal.aborted;
     controller = null;
     runButton.disabled = false;
     if (document.activeElement === stopButton) runButton.focus();
