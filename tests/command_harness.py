@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,6 +28,18 @@ def start_vdiff(model: Path | None, *extra: str) -> tuple[subprocess.Popen[str],
                "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
                "--triton-metrics-port", str(triton.metrics_port), *extra]  # fmt: skip
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port, triton
+
+
+@contextlib.contextmanager
+def served_vdiff(model: Path | None = None, *extra: str) -> Iterator[tuple[int, ServerAddress]]:
+    """`vdiff` started and healthy: (HTTP port, Triton's addresses); SIGTERM and its exit after."""
+    process, port, triton = start_vdiff(model, *extra)
+    try:
+        wait_healthy(process, port)
+        yield port, triton
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)  # reads its output to the end, so it never blocks on the pipe
 
 
 def wait_healthy(process: subprocess.Popen[str], port: int) -> list[int]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from command_harness import start_vdiff, wait_healthy
+from command_harness import served_vdiff
 from vdiff.tokenizer import Tokenizer
 
 MAX_TOKENS = 16
@@ -60,13 +59,8 @@ def sse_text(outputs: list[dict[str, Any]]) -> str:
 
 @pytest.fixture(scope="module")
 def demo_server() -> Any:
-    process, port, triton = start_vdiff(None)
-    try:
-        wait_healthy(process, port)
-        yield port, triton
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
+    with served_vdiff() as served:
+        yield served
 
 
 def test_ignore_eos_answers_count_max_tokens_through_the_ensemble(demo_server: Any, tmp_path: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import openai
 import pytest
 
 from clients import stream_infer
-from command_harness import start_vdiff, wait_healthy
+from command_harness import served_vdiff
 from conftest import ROOT
 from vdiff import LLM, SamplingParams
 from vdiff.canvas_stream import replay
@@ -38,13 +37,8 @@ GOLDEN_BODIES: dict[str, tuple[str, dict[str, Any]]] = {
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[tuple[int, ServerAddress]]:
-    process, port, triton = start_vdiff(None)
-    try:
-        wait_healthy(process, port)
-        yield port, triton
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
+    with served_vdiff() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ both). Each test saves a screenshot in its tmp_path.
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
-from command_harness import start_vdiff, wait_healthy
+from command_harness import served_vdiff
 from playground_screenshot import browser_paths, headless_chromium, open_playground
 
 KEY = "playground-test-key"
@@ -58,13 +57,8 @@ def chromium_installed() -> None:
 @pytest.fixture(scope="module")
 def demo_url(chromium_installed: None) -> Iterator[str]:
     """`vdiff --api-key KEY` with the shipped demo model (started only when a browser is there)."""
-    process, port, _ = start_vdiff(None, "--api-key", KEY)
-    try:
-        wait_healthy(process, port)
+    with served_vdiff(None, "--api-key", KEY) as (port, _):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=60)
 
 
 @pytest.fixture
