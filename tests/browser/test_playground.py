@@ -28,7 +28,8 @@ KEY = "playground-test-key"
 PROMPT = "What is 2 + 3?"
 
 # Records what the page sends (a wrapper around fetch) and every state its canvas goes through (a
-# MutationObserver: one record per drawn step, "_" a masked cell and "#" a decoded one).
+# MutationObserver: one record per drawn step, "_" a masked cell, "#" a decoded one and "r" a masked
+# one showing an APD draft that was not accepted).
 RECORD = """
 window.sent = [];
 const fetch0 = window.fetch;
@@ -41,7 +42,8 @@ window.canvasStates = {};
 for (const canvas of document.querySelectorAll('.panel .canvas')) {
   const states = window.canvasStates[canvas.closest('.panel').id] = [];
   new MutationObserver(() => states.push([...canvas.querySelectorAll('.cell')]
-      .map((cell) => cell.classList.contains('masked') ? '_' : '#').join('')))
+      .map((cell) => cell.classList.contains('rejected') ? 'r'
+        : cell.classList.contains('masked') ? '_' : '#').join('')))
     .observe(canvas, {subtree: true, childList: true, attributes: true, characterData: true});
 }
 """
@@ -56,8 +58,9 @@ def chromium_installed() -> None:
 
 @pytest.fixture(scope="module")
 def demo_url(chromium_installed: None) -> Iterator[str]:
-    """`vdiff --api-key KEY` with the shipped demo model (started only when a browser is there)."""
-    with served_vdiff(None, "--api-key", KEY) as (port, _):
+    """`vdiff --api-key KEY` with the shipped demo model and its APD verifier (started only when a
+    browser is there)."""
+    with served_vdiff(None, "--api-key", KEY, "--verifier", "vdiff-demo-ar") as (port, _):
         yield f"http://127.0.0.1:{port}"
 
 
@@ -71,14 +74,14 @@ def browser(chromium_installed: None, tmp_path: Path) -> Iterator[WebDriver]:
         driver.quit()
 
 
-def start(browser: WebDriver, url: str, key: str = KEY, compare: bool = False) -> None:
+def start(browser: WebDriver, url: str, key: str = KEY, compare: bool = False, prompt: str = PROMPT) -> None:
     open_playground(browser, url)
     browser.execute_script(RECORD)
     if compare:
         browser.find_element(By.CSS_SELECTOR, "label[for=view-compare]").click()
-    prompt = browser.find_element(By.ID, "prompt")
-    prompt.clear()
-    prompt.send_keys(PROMPT)
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(prompt)
     browser.find_element(By.ID, "api-key").send_keys(key)
 
 
@@ -194,3 +197,25 @@ def test_a_wrong_api_key_gets_a_clear_message_and_error_bodies_show(browser: Web
     WebDriverWait(browser, 30).until(lambda b: "400" in text_of(b, "#panel-single .error"))
     message = text_of(browser, "#panel-single .error")
     assert message.startswith("The server answered 400: 'max_tokens' or 'max_completion_tokens' is too large: 100000")
+
+
+def test_an_apd_round_shows_the_drafts_the_verifier_did_not_accept(browser: WebDriver, demo_url: str) -> None:
+    """APD on a count across 100: the first round drafts further than the verifier accepts (32
+    drafts, 26 accepted, on this model); for that step the rest show on still-masked cells, then
+    they clear; the answer is the one the openai client gets for the same settings."""
+    count = "Count from 95 to 104"
+    start(browser, demo_url, prompt=count)
+    set_box(browser, "single", "algorithm", "apd")
+    set_box(browser, "single", "apd_mixture_weight", "0.5")
+    browser.find_element(By.ID, "run").click()
+    assert finish(browser, "single") == {"single": "done"}, text_of(browser, "#panel-single .error")
+    states = [s for s in dict.fromkeys(browser.execute_script("return window.canvasStates['panel-single']")) if s]
+    assert any("r" in state for state in states), states
+    assert "r" not in states[-1]  # shown for their step only
+    client = openai.OpenAI(base_url=f"{demo_url}/v1", api_key=KEY, max_retries=0)
+    reply = client.chat.completions.create(
+        model="vdiff-demo", messages=[{"role": "user", "content": count}], temperature=0,
+        extra_body={"algorithm": "apd", "apd_mixture_weight": 0.5},
+    )  # fmt: skip
+    assert text_of(browser, "#panel-single .answer") == reply.choices[0].message.content
+    assert severe_console_entries(browser) == []

@@ -96,6 +96,7 @@ class Panel {
     this.finished = false;
     this.cells = null;
     this.lit = [];
+    this.rejected = []; // masked cells showing APD's drafts that the verifier did not accept
     this.committed = 0;
     this.canvas.replaceChildren();
     this.canvas.setAttribute("aria-label", "the canvas (waiting for the first step)");
@@ -188,11 +189,33 @@ class Panel {
     this.canvas.replaceChildren(...this.cells);
   }
 
+  // An APD round drafts its lookahead and commits the prefix the verifier accepts; the rest of the
+  // drafts stay masked. They show for that step only, dashed, so that the round's decision shows.
+  showRejected(apd) {
+    for (const draft of apd.drafts.slice(apd.accepted)) {
+      const cell = this.cells[draft.pos - this.offset];
+      if (!cell || !cell.classList.contains("masked")) continue;
+      cell.classList.add("rejected");
+      cell.textContent = cellText(draft.text).shown;
+      cell.title = `position ${draft.pos}: drafted ${JSON.stringify(draft.text)}, not accepted`;
+      this.rejected.push(cell);
+    }
+  }
+
+  clearRejected() {
+    for (const cell of this.rejected) {
+      cell.classList.remove("rejected");
+      if (cell.classList.contains("masked")) cell.textContent = "";
+    }
+    this.rejected = [];
+  }
+
   draw(event, at) {
     if (event.start) this.layout(event.start);
     if (!this.cells) return; // steps before a start event cannot be placed
     for (const cell of this.lit) cell.classList.remove("now");
     this.lit = [];
+    this.clearRejected();
     for (const commit of event.commits || []) {
       const cell = this.cells[commit.pos - this.offset];
       if (!cell) continue;
@@ -208,6 +231,7 @@ class Panel {
       this.lit.push(cell);
       this.committed += 1;
     }
+    if (event.apd) this.showRejected(event.apd);
     const [from, to] = event.span || [0, 0];
     this.cells.forEach((cell, i) => {
       cell.classList.toggle("span", i + this.offset >= from && i + this.offset < to);
