@@ -35,6 +35,7 @@ import psutil
 import tritonclient.grpc as grpcclient
 from bench_load import wait_healthy
 
+from vdiff.serve.cli import triton_port_flags
 from vdiff.serve.launcher import free_loopback_address
 
 KEY = "adversary-test-key"
@@ -48,8 +49,7 @@ def start(model: str, log: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     http, triton = free_loopback_address().http_port, free_loopback_address()
     command = [sys.executable, "-m", "vdiff.serve.cli", "--model", model, "--host", "127.0.0.1",
                "--port", str(http), "--api-key", KEY, "--max-num-seqs", "8", "--max-queue-size", "8",
-               "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
-               "--triton-metrics-port", str(triton.metrics_port), "--disable-uvicorn-access-log"]  # fmt: skip
+               *triton_port_flags(triton), "--disable-uvicorn-access-log"]  # fmt: skip
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{http}", triton.grpc_target

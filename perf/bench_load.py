@@ -34,6 +34,7 @@ from typing import Any
 
 import psutil
 
+from vdiff.serve.cli import triton_port_flags
 from vdiff.serve.launcher import free_loopback_address
 from vdiff_client.load.runner import build_parser, run_load
 
@@ -47,8 +48,7 @@ def start_vdiff(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[b
     command = [sys.executable, "-m", "vdiff.serve.cli", "--model", args.model, "--host", "127.0.0.1",
                "--port", str(http), "--max-num-seqs", str(args.max_num_seqs),
                "--max-queue-size", str(args.max_queue_size), "--torch-num-threads", str(args.torch_num_threads),
-               "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
-               "--triton-metrics-port", str(triton.metrics_port), "--disable-uvicorn-access-log"]  # fmt: skip
+               *triton_port_flags(triton), "--disable-uvicorn-access-log"]  # fmt: skip
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{http}"

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import httpx
 from bench_load import wait_healthy
 
+from vdiff.serve.cli import triton_port_flags
 from vdiff.serve.launcher import free_loopback_address
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +72,7 @@ def start_vdiff(model: str, log: Path) -> tuple[subprocess.Popen[bytes], str, st
     command = [sys.executable, "-m", "vdiff.serve.cli", "--model", model, "--host", "127.0.0.1",
                "--port", str(http), "--dtype", "float32", "--torch-num-threads", "1",
                "--max-num-seqs", "16", "--max-queue-size", "64", "--disable-uvicorn-access-log",
-               "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
-               "--triton-metrics-port", str(triton.metrics_port)]  # fmt: skip
+               *triton_port_flags(triton)]  # fmt: skip
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{http}", triton.grpc_target

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,9 +121,10 @@ def run_perf_analyzer(grpc: str, data: Path, concurrency: int, requests: int, cs
     return {key: float(value) for key, value in row.items()}
 
 
-def read_counters(metrics_url: str) -> dict[str, float]:
-    values = dict.fromkeys(COUNTERS, 0.0)
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+def read_counters(metrics_url: str, names: Sequence[str] = COUNTERS, timeout_s: float = 10) -> dict[str, float]:
+    """Each counter family's value on a Prometheus page, summed over its labels."""
+    values = dict.fromkeys(names, 0.0)
+    with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
         for line in response.read().decode().splitlines():
             name = line.split("{", 1)[0]
             if name in values:

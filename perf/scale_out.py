@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "perf"))
 from bench_load import wait_healthy  # noqa: E402
+from bench_triton import read_counters  # noqa: E402
 
-from vdiff.serve.launcher import free_loopback_address  # noqa: E402
+from vdiff.serve.cli import triton_port_flags  # noqa: E402
+from vdiff.serve.launcher import ServerAddress, free_loopback_address  # noqa: E402
 from vdiff_client.load.runner import build_parser, run_load  # noqa: E402
 
 HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "haproxy.cfg"
+GENERATED = "vllm:generation_tokens_total"
 SAMPLE_S = 0.5  # how often the replicas' token counters are read
 
 
@@ -59,7 +63,7 @@ class Replica:
     model: str
     workdir: Path
     http_port: int = field(default_factory=lambda: free_loopback_address().http_port)
-    triton: Any = field(default_factory=free_loopback_address)
+    triton: ServerAddress = field(default_factory=free_loopback_address)
     process: subprocess.Popen[bytes] | None = None
     starts: int = 0
 
@@ -69,34 +73,11 @@ class Replica:
 
     def start(self) -> None:
         self.starts += 1
-        command = [
-            sys.executable,
-            "-m",
-            "vdiff.serve.cli",
-            "--model",
-            self.model,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.http_port),
-            "--max-num-seqs",
-            "8",
-            "--max-queue-size",
-            "16",
-            "--torch-num-threads",
-            "1",
-            "--shutdown-timeout",
-            "30",
-            "--triton-http-port",
-            str(self.triton.http_port),
-            "--triton-grpc-port",
-            str(self.triton.grpc_port),
-            "--triton-metrics-port",
-            str(self.triton.metrics_port),
-            "--disable-uvicorn-access-log",
-            "--workdir",
-            str(self.workdir / f"{self.name}-{self.starts}"),
-        ]
+        workdir = self.workdir / f"{self.name}-{self.starts}"
+        flags = ["--max-num-seqs", "8", "--max-queue-size", "16", "--torch-num-threads", "1",
+                 "--shutdown-timeout", "30", "--disable-uvicorn-access-log", "--workdir", str(workdir)]  # fmt: skip
+        address = ["--host", "127.0.0.1", "--port", str(self.http_port), *triton_port_flags(self.triton)]
+        command = [sys.executable, "-m", "vdiff.serve.cli", "--model", self.model, *address, *flags]
         log = (self.workdir / f"{self.name}-{self.starts}.log").open("wb")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -120,12 +101,9 @@ class Replica:
     def generated_tokens(self) -> float | None:
         """vllm:generation_tokens_total from its /metrics (None while nothing listens)."""
         try:
-            with urllib.request.urlopen(f"{self.url}/metrics", timeout=2) as response:
-                text = response.read().decode()
+            return read_counters(f"{self.url}/metrics", (GENERATED,), timeout_s=2)[GENERATED]
         except OSError:
             return None
-        lines = [line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total{")]
-        return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
 
 
 class Balancer:
@@ -205,32 +183,18 @@ class TokenMeter(threading.Thread):
 
 
 def load_args(args: argparse.Namespace, url: str, run_time: int) -> argparse.Namespace:
-    argv = [
-        "--host",
-        url,
-        "--users",
-        str(args.users),
-        "--run-time",
-        f"{run_time}s",
-        "--max-tokens",
-        str(args.max_tokens),
-        "--ignore-eos",
-        "--non-stream-share",
-        "0.2",
-        "--quiet",
-    ]
+    argv = ["--host", url, "--users", str(args.users), "--run-time", f"{run_time}s", "--quiet",
+            "--max-tokens", str(args.max_tokens), "--ignore-eos",
+            "--non-stream-share", "0.2"]  # fmt: skip
     return build_parser().parse_args(argv)
 
 
-def in_background(target: Any) -> tuple[threading.Thread, dict[str, Any]]:
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        box["report"] = target()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
+def load_in_background(args: argparse.Namespace, url: str, run_time: int) -> Future[dict[str, Any]]:
+    """`vdiff-load` through the balancer on another thread; its report (or its error) when done."""
+    pool = ThreadPoolExecutor(max_workers=1)
+    load = pool.submit(run_load, load_args(args, url, run_time))
+    pool.shutdown(wait=False)  # its one thread ends with the load
+    return load
 
 
 def load_outcome(report: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +218,7 @@ def rolling_restart(args: argparse.Namespace, replicas: list[Replica], balancer:
     meter.start()
     before_retries = retries(balancer)
     started = time.monotonic()
-    thread, box = in_background(lambda: run_load(load_args(args, balancer.url, args.run_time)))
+    load = load_in_background(args, balancer.url, args.run_time)
     time.sleep(args.before)
     restart_started = time.monotonic()
     drains = {}
@@ -264,12 +228,12 @@ def rolling_restart(args: argparse.Namespace, replicas: list[Replica], balancer:
         replica.wait_healthy()
         balancer.wait_status(replica.name, "UP", timeout_s=30)
     restart_ended = time.monotonic()
-    thread.join()
+    report = load.result()
     ended = time.monotonic()
     meter.stopped.set()
     after_retries = retries(balancer)
     return {
-        "load": load_outcome(box["report"]),
+        "load": load_outcome(report),
         "balancer": {k: after_retries[k] - before_retries[k] for k in after_retries},
         "drains": drains,
         "restart_s": round(restart_ended - restart_started, 1),
@@ -283,18 +247,18 @@ def rolling_restart(args: argparse.Namespace, replicas: list[Replica], balancer:
 
 
 def crash(args: argparse.Namespace, replicas: list[Replica], balancer: Balancer) -> dict[str, Any]:
-    thread, box = in_background(lambda: run_load(load_args(args, balancer.url, args.crash_run_time)))
+    load = load_in_background(args, balancer.url, args.crash_run_time)
     time.sleep(args.crash_run_time / 3)
     victim = replicas[-1]
     in_flight = int(balancer.servers()[victim.name]["scur"] or 0)
     victim.crash()
     marked_down_s = balancer.wait_status(victim.name, "DOWN", timeout_s=30)
-    thread.join()
+    report = load.result()
     return {
         "killed": victim.name,
         "in_flight_on_it": in_flight,
         "marked_down_after_s": round(marked_down_s, 2),
-        "load": load_outcome(box["report"]),
+        "load": load_outcome(report),
     }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from vdiff.serve.cli import triton_port_flags
 from vdiff.serve.launcher import ServerAddress, free_loopback_address
 
 
@@ -23,10 +24,8 @@ def start_vdiff(model: Path | None, *extra: str) -> tuple[subprocess.Popen[str],
     port = free_loopback_address().http_port
     triton = free_loopback_address()
     named = [] if model is None else ["--model", str(model), "--served-model-name", "tiny"]
-    command = [sys.executable, "-m", "vdiff.serve.cli", *named, "--port", str(port),
-               "--host", "127.0.0.1", "--torch-num-threads", "1",
-               "--triton-http-port", str(triton.http_port), "--triton-grpc-port", str(triton.grpc_port),
-               "--triton-metrics-port", str(triton.metrics_port), *extra]  # fmt: skip
+    flags = ["--port", str(port), "--host", "127.0.0.1", "--torch-num-threads", "1", *triton_port_flags(triton)]
+    command = [sys.executable, "-m", "vdiff.serve.cli", *named, *flags, *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), port, triton
 
 

@@ -20,24 +20,9 @@ pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs H
 
 def test_a_rolling_restart_under_load_fails_no_request(tmp_path: Path) -> None:
     out = tmp_path / "scale_out"
-    command = [
-        sys.executable,
-        str(ROOT / "perf" / "scale_out.py"),
-        "--model",
-        "vdiff-tiny",
-        "--users",
-        "3",
-        "--run-time",
-        "180",
-        "--before",
-        "8",
-        "--crash-run-time",
-        "20",
-        "--max-tokens",
-        "16",
-        "--out",
-        str(out),
-    ]
+    small = "--model vdiff-tiny --users 3 --max-tokens 16 --run-time 180 --before 8 --crash-run-time 20"
+    script = str(ROOT / "perf" / "scale_out.py")
+    command = [sys.executable, script, *small.split(), "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())

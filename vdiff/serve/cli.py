@@ -133,6 +133,13 @@ def triton_address(args: argparse.Namespace) -> ServerAddress:
     return ServerAddress(args.triton_host, args.triton_http_port, args.triton_grpc_port, args.triton_metrics_port)
 
 
+def triton_port_flags(address: ServerAddress) -> list[str]:
+    """The flags that put `vdiff`'s tritonserver on `address`'s ports (what `triton_address` reads)."""
+    ports = (address.http_port, address.grpc_port, address.metrics_port)
+    return [part for kind, port in zip(("http", "grpc", "metrics"), ports, strict=True)
+            for part in (f"--triton-{kind}-port", str(port))]  # fmt: skip
+
+
 def serve_openai(args: argparse.Namespace) -> int:
     """Triton with the repository for the model, and the OpenAI server in front of it."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
