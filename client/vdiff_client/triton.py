@@ -215,12 +215,14 @@ def _delta(result: Any) -> Delta:
     def one(name: str) -> Any:
         return result.as_numpy(name).reshape(-1)[0]
 
+    def optional_json(name: str) -> Any:
+        """A JSON output's value; None when it is "" or the model lacks it (a custom ensemble)."""
+        array = result.as_numpy(name)
+        text = array.reshape(-1)[0].decode("utf-8") if array is not None else ""
+        return json.loads(text) if text else None
+
     finish = one("finish_reason").decode("utf-8")
     queue_time = float(one("queue_time"))
-    stop = result.as_numpy("stop_reason")  # None from a model without it (a custom ensemble)
-    stop_json = stop.reshape(-1)[0].decode("utf-8") if stop is not None else ""
-    events = result.as_numpy("canvas_events")  # None from a model without it
-    events_json = events.reshape(-1)[0].decode("utf-8") if events is not None else ""
     return Delta(
         text=one("text_output").decode("utf-8"),
         prompt_tokens=int(one("num_input_tokens")),
@@ -228,6 +230,6 @@ def _delta(result: Any) -> Delta:
         nfe=int(one("step_index")),
         finish_reason=finish or None,
         queue_time=queue_time if queue_time >= 0 else None,
-        stop_reason=json.loads(stop_json) if stop_json else None,
-        canvas=json.loads(events_json) if events_json else None,
+        stop_reason=optional_json("stop_reason"),
+        canvas=optional_json("canvas_events"),
     )
