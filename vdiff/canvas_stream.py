@@ -14,6 +14,7 @@ committed positions of those requests alone.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -157,11 +158,12 @@ class CanvasRecorder:
         if not len(rows):
             return []
         order = rows.tolist()
-        members = list(dict.fromkeys(order))  # batch rows in order, each once
-        group = torch.tensor([members.index(r) for r in order], device=rows.device)
-        candidates = Candidates(
-            [batch.requests[r] for r in members], members, rows, group, cols, [order.count(r) for r in members]
-        )
+        counts = Counter(order)  # batch row -> its commits; rows come sorted, so in order
+        members = list(counts)
+        index = {row: i for i, row in enumerate(members)}
+        group = torch.tensor([index[r] for r in order], device=rows.device)
+        requests = [batch.requests[r] for r in members]
+        candidates = Candidates(requests, members, rows, group, cols, [counts[r] for r in members])
         probs = torch.softmax(batch.logits_at(candidates).float(), dim=-1)  # (N, V)
         return probs[torch.arange(len(tokens), device=probs.device), tokens].tolist()
 
